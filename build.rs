@@ -1,0 +1,22 @@
+//! Generates the KVM paravirt constants (hypercall numbers, return codes, feature bits, MSR
+//! index, MAP_GPA_RANGE attributes) from the kernel's own uapi headers, so that none of them is
+//! retyped by hand. `struct kvm_run` and the ioctl constants come from kvm-bindings instead.
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/kvm/consts.h");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    bindgen::Builder::default()
+        .header("src/kvm/consts.h")
+        // KVM_MAP_GPA_RANGE_ENCRYPTED is a function-like macro expansion and KVM_EINVAL expands
+        // to EINVAL: let clang evaluate what cexpr alone cannot.
+        .clang_macro_fallback()
+        .allowlist_var("KVM_HC_.*|KVM_E.*|KVM_FEATURE_.*|MSR_KVM_MIGRATION_CONTROL|KVM_MIGRATION_READY|KVM_MAP_GPA_RANGE_.*|KVM_CPUID_FEATURES")
+        .default_macro_constant_type(bindgen::MacroTypeVariation::Unsigned)
+        .generate()
+        .expect("bindgen could not read the kernel's KVM uapi headers (apt-get install linux-libc-dev libclang-dev)")
+        .write_to_file(out.join("kvm_consts.rs"))
+        .expect("writing kvm_consts.rs into OUT_DIR");
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything pagenc's build, demo and tests need on a fresh Debian 12 machine.
+# Idempotent: each step is skipped when its result is already there, so a second run is fast.
+set -euo pipefail
+
+say() { printf '[install-deps] %s\n' "$*"; }
+
+APT_PKGS=(
+    libclang-dev            # bindgen (kernel constants, ABI layout test)
+    build-essential pkg-config valgrind
+    ninja-build flex bison bzip2 xz-utils dpkg-dev
+    libglib2.0-dev libpixman-1-dev libfdt-dev libslirp-dev zlib1g-dev
+    seabios                 # BIOS at run time (the Debian QEMU tarball has no firmware)
+    binutils                # guest payload (as/ld)
+)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PIP_PKGS=("meson>=1.5,<2" "pycotap==1.3.1" "qemu.qmp==0.0.5" "pytest>=7")
+if ! python3 -c 'import mesonbuild, pycotap, qemu.qmp, pytest' 2>/dev/null; then
+    say "pip install ${PIP_PKGS[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${PIP_PKGS[@]}"
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+CBINDGEN_VERSION=0.29.4
+if ! cbindgen --version 2>/dev/null | grep -q "$CBINDGEN_VERSION"; then
+    say "cargo install cbindgen $CBINDGEN_VERSION (about a minute)"
+    cargo install -q --locked cbindgen --version "$CBINDGEN_VERSION"
+fi
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+    say "cargo install cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo install -q --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+say "done"

@@ -1,0 +1,453 @@
+//! One chunk of the map: the shared pages among 2^15 consecutive gfns (128 MiB of guest
+//! address space), in whichever of three forms is smallest.
+//!
+//! - `Full`: every page shared (a swiotlb pool or a guest that shares everything): no heap.
+//! - `Runs`: sorted, disjoint, non-adjacent inclusive runs of 16-bit offsets, 4 bytes a run.
+//! - `Bitmap`: one bit per page, 4 KiB, when runs would take more than that (more than
+//!   [`RUNS_MAX`] runs; a guest that fragments memory on purpose).
+//!
+//! So a chunk never needs more than 4 KiB (plus the transient growth of one insertion), which is
+//! what bounds the whole map by a bitmap of guest RAM whatever the guest does.
+
+use std::mem::size_of;
+
+/// log2 of the pages per chunk.
+pub const CHUNK_SHIFT: u32 = 15;
+/// Pages per chunk.
+pub const CHUNK_PAGES: u32 = 1 << CHUNK_SHIFT;
+const WORDS: usize = (CHUNK_PAGES / 64) as usize;
+/// The most runs a `Runs` chunk holds: 4 bytes each, so at most the size of a bitmap.
+pub const RUNS_MAX: usize = WORDS * 8 / size_of::<Span>();
+/// A bitmap chunk goes back to runs below this many runs (hysteresis, so that a guest toggling
+/// one page at the threshold does not convert the chunk back and forth).
+const RUNS_MIN: usize = RUNS_MAX / 2;
+
+/// An inclusive run of page offsets within a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    first: u16,
+    last: u16,
+}
+
+impl Span {
+    fn new(start: u32, end: u32) -> Span {
+        debug_assert!(start < end && end <= CHUNK_PAGES);
+        Span {
+            first: start as u16,
+            last: (end - 1) as u16,
+        }
+    }
+    fn start(self) -> u32 {
+        self.first as u32
+    }
+    fn end(self) -> u32 {
+        self.last as u32 + 1
+    }
+}
+
+/// A 4 KiB bitmap with its population count kept up to date.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    words: [u64; WORDS],
+    pages: u32,
+}
+
+/// The shared pages of one chunk. An empty chunk is never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// Every page shared.
+    Full,
+    /// Shared runs, sorted, disjoint and never adjacent.
+    Runs(Vec<Span>),
+    /// One bit per page, 1 = shared.
+    Bitmap(Box<Bitmap>),
+}
+
+/// A mask of bits `[lo, hi)` within one word (`0 <= lo < hi <= 64`).
+fn mask(lo: u32, hi: u32) -> u64 {
+    let upper = if hi == 64 { !0 } else { (1u64 << hi) - 1 };
+    upper & !((1u64 << lo) - 1)
+}
+
+impl Bitmap {
+    fn empty() -> Box<Bitmap> {
+        Box::new(Bitmap {
+            words: [0; WORDS],
+            pages: 0,
+        })
+    }
+
+    fn get(&self, off: u32) -> bool {
+        self.words[(off / 64) as usize] >> (off % 64) & 1 != 0
+    }
+
+    /// Sets `[start, end)` to `shared`, calling `flip` for each maximal run of bits that changed.
+    fn set(&mut self, start: u32, end: u32, shared: bool, flip: &mut dyn FnMut(u32, u32)) {
+        let mut pending: Option<(u32, u32)> = None;
+        let mut pos = start;
+        while pos < end {
+            let w = (pos / 64) as usize;
+            let lo = pos % 64;
+            let hi = (end - (w as u32) * 64).min(64);
+            let m = mask(lo, hi);
+            let old = self.words[w];
+            let mut changed = if shared { !old & m } else { old & m };
+            self.words[w] = if shared { old | m } else { old & !m };
+            let n = changed.count_ones();
+            if shared {
+                self.pages += n;
+            } else {
+                self.pages -= n;
+            }
+            while changed != 0 {
+                let s = changed.trailing_zeros();
+                let len = (!(changed >> s)).trailing_zeros().min(64 - s);
+                let (a, b) = (w as u32 * 64 + s, w as u32 * 64 + s + len);
+                pending = match pending {
+                    Some((pa, pb)) if pb == a => Some((pa, b)),
+                    Some((pa, pb)) => {
+                        flip(pa, pb);
+                        Some((a, b))
+                    }
+                    None => Some((a, b)),
+                };
+                changed = if s + len >= 64 {
+                    0
+                } else {
+                    changed & !mask(s, s + len)
+                };
+            }
+            pos = (w as u32 + 1) * 64;
+        }
+        if let Some((a, b)) = pending {
+            flip(a, b);
+        }
+    }
+
+    /// The first offset at or after `from` whose bit equals `shared`, or `CHUNK_PAGES`.
+    fn find(&self, from: u32, shared: bool) -> u32 {
+        let mut w = (from / 64) as usize;
+        if w >= WORDS {
+            return CHUNK_PAGES;
+        }
+        let flip = if shared { 0 } else { !0 };
+        let mut bits = (self.words[w] ^ flip) & !((1u64 << (from % 64)) - 1);
+        loop {
+            if bits != 0 {
+                return w as u32 * 64 + bits.trailing_zeros();
+            }
+            w += 1;
+            if w == WORDS {
+                return CHUNK_PAGES;
+            }
+            bits = self.words[w] ^ flip;
+        }
+    }
+
+    /// Number of runs (0 -> 1 transitions).
+    fn run_count(&self) -> usize {
+        let mut carry = 0u64;
+        let mut n = 0;
+        for &w in &self.words {
+            n += (w & !((w << 1) | carry)).count_ones() as usize;
+            carry = w >> 63;
+        }
+        n
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        let mut out = Vec::new();
+        let mut pos = self.find(0, true);
+        while pos < CHUNK_PAGES {
+            let end = self.find(pos, false);
+            out.push(Span::new(pos, end));
+            pos = self.find(end, true);
+        }
+        out
+    }
+}
+
+impl Chunk {
+    /// A chunk with `[start, end)` shared.
+    pub fn with_range(start: u32, end: u32) -> Chunk {
+        if start == 0 && end == CHUNK_PAGES {
+            Chunk::Full
+        } else {
+            Chunk::Runs(vec![Span::new(start, end)])
+        }
+    }
+
+    /// True if no page is shared (the chunk is then dropped from the map).
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Chunk::Full => false,
+            Chunk::Runs(r) => r.is_empty(),
+            Chunk::Bitmap(b) => b.pages == 0,
+        }
+    }
+
+    /// Heap bytes the chunk owns (not counting its slot in the map's directory).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Chunk::Full => 0,
+            Chunk::Runs(r) => r.capacity() * size_of::<Span>(),
+            Chunk::Bitmap(_) => size_of::<Bitmap>(),
+        }
+    }
+
+    /// Is the page at `off` shared?
+    pub fn get(&self, off: u32) -> bool {
+        match self {
+            Chunk::Full => true,
+            Chunk::Runs(r) => {
+                let i = r.partition_point(|s| s.end() <= off);
+                r.get(i).is_some_and(|s| s.start() <= off)
+            }
+            Chunk::Bitmap(b) => b.get(off),
+        }
+    }
+
+    /// The first offset at or after `from` whose state is `shared`, or `CHUNK_PAGES`.
+    pub fn find(&self, from: u32, shared: bool) -> u32 {
+        if from >= CHUNK_PAGES {
+            return CHUNK_PAGES;
+        }
+        match self {
+            Chunk::Full => {
+                if shared {
+                    from
+                } else {
+                    CHUNK_PAGES
+                }
+            }
+            Chunk::Runs(r) => {
+                let i = r.partition_point(|s| s.end() <= from);
+                match (r.get(i), shared) {
+                    (Some(s), true) => s.start().max(from),
+                    (None, true) => CHUNK_PAGES,
+                    (Some(s), false) if s.start() <= from => s.end(),
+                    (_, false) => from,
+                }
+            }
+            Chunk::Bitmap(b) => b.find(from, shared),
+        }
+    }
+
+    /// The shared runs as half-open offset pairs, ascending.
+    pub fn runs(&self) -> ChunkRuns<'_> {
+        ChunkRuns {
+            chunk: self,
+            pos: 0,
+            idx: 0,
+        }
+    }
+
+    /// Number of shared runs inside the chunk.
+    #[cfg(test)]
+    pub fn run_count(&self) -> usize {
+        match self {
+            Chunk::Full => 1,
+            Chunk::Runs(r) => r.len(),
+            Chunk::Bitmap(b) => b.run_count(),
+        }
+    }
+
+    /// Sets `[start, end)` (offsets, `start < end <= CHUNK_PAGES`) to shared or encrypted and
+    /// calls `flip` for every maximal run of pages whose state changed, ascending. Afterwards the
+    /// chunk is in its smallest form (it may be empty).
+    pub fn set(&mut self, start: u32, end: u32, shared: bool, flip: &mut dyn FnMut(u32, u32)) {
+        debug_assert!(start < end && end <= CHUNK_PAGES);
+        match self {
+            Chunk::Full => {
+                if !shared {
+                    flip(start, end);
+                    let mut spans = Vec::with_capacity(2);
+                    if start > 0 {
+                        spans.push(Span::new(0, start));
+                    }
+                    if end < CHUNK_PAGES {
+                        spans.push(Span::new(end, CHUNK_PAGES));
+                    }
+                    *self = Chunk::Runs(spans);
+                }
+                return;
+            }
+            Chunk::Runs(r) => {
+                if shared {
+                    set_runs_shared(r, start, end, flip)
+                } else {
+                    set_runs_encrypted(r, start, end, flip)
+                }
+            }
+            Chunk::Bitmap(b) => b.set(start, end, shared, flip),
+        }
+        self.normalize();
+    }
+
+    /// Moves the chunk to its smallest form after a change.
+    fn normalize(&mut self) {
+        match self {
+            Chunk::Full => {}
+            Chunk::Runs(r) => {
+                if r.len() == 1 && r[0].start() == 0 && r[0].end() == CHUNK_PAGES {
+                    *self = Chunk::Full;
+                } else if r.len() > RUNS_MAX {
+                    let mut b = Bitmap::empty();
+                    for s in r.iter() {
+                        b.set(s.start(), s.end(), true, &mut |_, _| {});
+                    }
+                    *self = Chunk::Bitmap(b);
+                } else if r.capacity() > 2 * r.len() + 8 {
+                    // Give memory back after a large removal, but not after every one.
+                    r.shrink_to(r.len() + r.len() / 2);
+                }
+            }
+            Chunk::Bitmap(b) => {
+                if b.pages == CHUNK_PAGES {
+                    *self = Chunk::Full;
+                } else if b.pages as usize <= RUNS_MIN || b.run_count() < RUNS_MIN {
+                    // pages <= RUNS_MIN implies runs <= RUNS_MIN: skip the count when cheap.
+                    let spans = b.spans();
+                    if spans.len() < RUNS_MIN || spans.is_empty() {
+                        *self = Chunk::Runs(spans);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader).
+    pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
+        let mut chunk = Chunk::Runs(runs.iter().map(|&(a, b)| Span::new(a, b)).collect());
+        chunk.normalize();
+        chunk
+    }
+}
+
+fn set_runs_shared(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
+    // Runs that overlap or touch [start, end) merge with it.
+    let i = r.partition_point(|s| s.end() < start);
+    let j = r.partition_point(|s| s.start() <= end);
+    let mut pos = start;
+    for s in &r[i..j] {
+        if s.start() > pos {
+            flip(pos, s.start().min(end));
+        }
+        pos = pos.max(s.end());
+    }
+    if pos < end {
+        flip(pos, end);
+    }
+    let merged = if i < j {
+        Span::new(r[i].start().min(start), r[j - 1].end().max(end))
+    } else {
+        Span::new(start, end)
+    };
+    r.splice(i..j, std::iter::once(merged));
+}
+
+fn set_runs_encrypted(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
+    // Runs that overlap [start, end) lose their overlap; at most two remainders stay.
+    let i = r.partition_point(|s| s.end() <= start);
+    let j = r.partition_point(|s| s.start() < end);
+    if i == j {
+        return;
+    }
+    for s in &r[i..j] {
+        flip(s.start().max(start), s.end().min(end));
+    }
+    let (first, last) = (r[i], r[j - 1]);
+    let mut keep = [None, None];
+    if first.start() < start {
+        keep[0] = Some(Span::new(first.start(), start));
+    }
+    if last.end() > end {
+        keep[1] = Some(Span::new(end, last.end()));
+    }
+    r.splice(i..j, keep.into_iter().flatten());
+}
+
+/// Iterator over a chunk's shared runs as half-open offset pairs.
+#[derive(Debug)]
+pub struct ChunkRuns<'a> {
+    chunk: &'a Chunk,
+    pos: u32,
+    idx: usize,
+}
+
+impl Iterator for ChunkRuns<'_> {
+    type Item = (u32, u32);
+
+    fn next(&mut self) -> Option<(u32, u32)> {
+        match self.chunk {
+            Chunk::Full => {
+                if self.pos == 0 {
+                    self.pos = CHUNK_PAGES;
+                    Some((0, CHUNK_PAGES))
+                } else {
+                    None
+                }
+            }
+            Chunk::Runs(r) => {
+                let s = r.get(self.idx)?;
+                self.idx += 1;
+                Some((s.start(), s.end()))
+            }
+            Chunk::Bitmap(b) => {
+                let start = b.find(self.pos, true);
+                if start >= CHUNK_PAGES {
+                    self.pos = CHUNK_PAGES;
+                    return None;
+                }
+                let end = b.find(start, false);
+                self.pos = end;
+                Some((start, end))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(c: &Chunk) -> Vec<bool> {
+        (0..CHUNK_PAGES).map(|o| c.get(o)).collect()
+    }
+
+    #[test]
+    fn runs_convert_to_bitmap_and_back() {
+        let mut c = Chunk::with_range(0, 1);
+        for i in 1..=RUNS_MAX as u32 {
+            c.set(2 * i, 2 * i + 1, true, &mut |_, _| {});
+        }
+        assert!(
+            matches!(c, Chunk::Bitmap(_)),
+            "{} runs must be a bitmap",
+            RUNS_MAX + 1
+        );
+        assert_eq!(c.run_count(), RUNS_MAX + 1);
+        // Runs start at 0, 2, 4, ..., 2048: clearing [0, 1100) drops 550 of them.
+        c.set(0, 1100, false, &mut |_, _| {});
+        assert!(
+            matches!(c, Chunk::Runs(_)),
+            "475 runs fit in the runs form again"
+        );
+        assert_eq!(c.run_count(), RUNS_MAX + 1 - 550);
+    }
+
+    #[test]
+    fn flips_report_only_changed_pages() {
+        let mut c = Chunk::with_range(10, 20);
+        let mut flips = vec![];
+        c.set(5, 25, true, &mut |a, b| flips.push((a, b)));
+        assert_eq!(flips, vec![(5, 10), (20, 25)]);
+        flips.clear();
+        c.set(0, 3, false, &mut |a, b| flips.push((a, b)));
+        assert!(flips.is_empty());
+        c.set(12, 14, false, &mut |a, b| flips.push((a, b)));
+        assert_eq!(flips, vec![(12, 14)]);
+        let m = model(&c);
+        assert!(m[5] && m[11] && !m[12] && !m[13] && m[14] && m[24] && !m[25]);
+    }
+}

@@ -1,0 +1,459 @@
+//! The page map: a sparse, sorted directory of chunks (see [`super::chunk`]) over guest RAM.
+
+use std::mem::size_of;
+
+use super::chunk::{Chunk, CHUNK_PAGES, CHUNK_SHIFT};
+use super::{Layout, PageRange, PageState, Run, MAX_GFN};
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpdateSummary {
+    /// Pages whose state really changed.
+    pub flipped: u64,
+    /// Pages of the request outside guest RAM (accepted, not stored).
+    pub clipped: u64,
+}
+
+/// Which guest RAM pages are shared. Every RAM page not stored here is encrypted; pages outside
+/// RAM are never stored and read as encrypted.
+///
+/// Costs: an update is O(log chunks + chunks touched + runs touched within them) and never
+/// O(pages); memory is at most about one bit per page of RAM (a bitmap chunk) whatever the
+/// update pattern, and about 4 bytes per range on ordinary layouts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageMap {
+    layout: Layout,
+    /// Non-empty chunks, sorted by chunk number (gfn >> CHUNK_SHIFT).
+    chunks: Vec<(u64, Chunk)>,
+    shared_pages: u64,
+}
+
+fn chunk_of(gfn: u64) -> u64 {
+    gfn >> CHUNK_SHIFT
+}
+
+fn base_of(chunk: u64) -> u64 {
+    chunk << CHUNK_SHIFT
+}
+
+fn offset_of(gfn: u64) -> u32 {
+    (gfn & (CHUNK_PAGES as u64 - 1)) as u32
+}
+
+/// Coalesces flipped sub-ranges from successive chunks into maximal ranges before reporting.
+struct FlipSink<'a> {
+    pending: Option<PageRange>,
+    total: u64,
+    out: &'a mut dyn FnMut(PageRange),
+}
+
+impl FlipSink<'_> {
+    fn push(&mut self, start: u64, end: u64) {
+        self.total += end - start;
+        match &mut self.pending {
+            Some(p) if p.end == start => p.end = end,
+            _ => {
+                if let Some(p) = self.pending.take() {
+                    (self.out)(p);
+                }
+                self.pending = Some(PageRange { start, end });
+            }
+        }
+    }
+    fn finish(mut self) -> u64 {
+        if let Some(p) = self.pending.take() {
+            (self.out)(p);
+        }
+        self.total
+    }
+}
+
+impl PageMap {
+    /// An empty map (every page encrypted) over `layout`.
+    pub fn new(layout: Layout) -> PageMap {
+        PageMap {
+            layout,
+            chunks: Vec::new(),
+            shared_pages: 0,
+        }
+    }
+
+    /// The RAM layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Sets every RAM page in `range` to `state`. `flipped` is called, in ascending order, for
+    /// every maximal range of pages whose state really changed; pages outside RAM are skipped
+    /// and counted as clipped.
+    pub fn set(
+        &mut self,
+        range: PageRange,
+        state: PageState,
+        flipped: &mut dyn FnMut(PageRange),
+    ) -> UpdateSummary {
+        let range = PageRange {
+            start: range.start.min(MAX_GFN),
+            end: range.end.min(MAX_GFN),
+        };
+        let mut sink = FlipSink {
+            pending: None,
+            total: 0,
+            out: flipped,
+        };
+        let mut in_ram = 0;
+        let layout = std::mem::take(&mut self.layout);
+        for piece in layout.clip(range) {
+            in_ram += piece.len();
+            match state {
+                PageState::Shared => self.share(piece, &mut sink),
+                PageState::Encrypted => self.encrypt(piece, &mut sink),
+            }
+        }
+        self.layout = layout;
+        let flipped = sink.finish();
+        match state {
+            PageState::Shared => self.shared_pages += flipped,
+            PageState::Encrypted => self.shared_pages -= flipped,
+        }
+        UpdateSummary {
+            flipped,
+            clipped: range.len() - in_ram,
+        }
+    }
+
+    fn share(&mut self, r: PageRange, sink: &mut FlipSink<'_>) {
+        let (first, last) = (chunk_of(r.start), chunk_of(r.end - 1));
+        let lo = self.chunks.partition_point(|(c, _)| *c < first);
+        if first == last {
+            // The common case (swiotlb, per-CPU pages, DMA buffers): one chunk, in place.
+            let base = base_of(first);
+            let (a, b) = (offset_of(r.start), offset_of(r.end - 1) + 1);
+            match self.chunks.get_mut(lo) {
+                Some((c, chunk)) if *c == first => chunk.set(a, b, true, &mut |x, y| {
+                    sink.push(base + x as u64, base + y as u64)
+                }),
+                _ => {
+                    sink.push(r.start, r.end);
+                    self.chunks.insert(lo, (first, Chunk::with_range(a, b)));
+                }
+            }
+            return;
+        }
+        // Several chunks: rebuild the affected stretch of the directory in one splice, so a
+        // huge range costs O(chunks in it), not O(chunks in it x directory size).
+        let hi = self.chunks.partition_point(|(c, _)| *c <= last);
+        let old: Vec<(u64, Chunk)> = self.chunks.drain(lo..hi).collect();
+        let mut old = old.into_iter().peekable();
+        let mut new = Vec::with_capacity((last - first + 1) as usize);
+        for c in first..=last {
+            let base = base_of(c);
+            let a = if c == first { offset_of(r.start) } else { 0 };
+            let b = if c == last {
+                offset_of(r.end - 1) + 1
+            } else {
+                CHUNK_PAGES
+            };
+            match old.next_if(|(oc, _)| *oc == c) {
+                Some((_, mut chunk)) => {
+                    chunk.set(a, b, true, &mut |x, y| {
+                        sink.push(base + x as u64, base + y as u64)
+                    });
+                    new.push((c, chunk));
+                }
+                None => {
+                    sink.push(base + a as u64, base + b as u64);
+                    new.push((c, Chunk::with_range(a, b)));
+                }
+            }
+        }
+        self.chunks.splice(lo..lo, new);
+    }
+
+    fn encrypt(&mut self, r: PageRange, sink: &mut FlipSink<'_>) {
+        let (first, last) = (chunk_of(r.start), chunk_of(r.end - 1));
+        let lo = self.chunks.partition_point(|(c, _)| *c < first);
+        let hi = self.chunks.partition_point(|(c, _)| *c <= last);
+        let mut keep = lo;
+        for i in lo..hi {
+            let c = self.chunks[i].0;
+            let base = base_of(c);
+            let a = if c == first { offset_of(r.start) } else { 0 };
+            let b = if c == last {
+                offset_of(r.end - 1) + 1
+            } else {
+                CHUNK_PAGES
+            };
+            let chunk = &mut self.chunks[i].1;
+            chunk.set(a, b, false, &mut |x, y| {
+                sink.push(base + x as u64, base + y as u64)
+            });
+            if !chunk.is_empty() {
+                self.chunks.swap(keep, i);
+                keep += 1;
+            }
+        }
+        self.chunks.drain(keep..hi);
+    }
+
+    /// Every page back to encrypted (guest reset); `flipped` hears every shared range.
+    pub fn clear(&mut self, flipped: &mut dyn FnMut(PageRange)) {
+        for r in self.shared_ranges() {
+            flipped(r);
+        }
+        self.chunks = Vec::new();
+        self.shared_pages = 0;
+    }
+
+    /// Replaces the layout (memory hotplug). Shared pages that are still RAM stay shared; those
+    /// that are no longer RAM are forgotten (they are not migrated, so no flip is reported).
+    pub fn set_layout(&mut self, layout: Layout) {
+        let mut b = PageMapBuilder::new(layout);
+        for r in self.shared_ranges() {
+            let clipped: Vec<PageRange> = b.map.layout.clip(r).collect();
+            for piece in clipped {
+                b.push(piece)
+                    .expect("ranges from a valid map, clipped to RAM, stay ascending and in RAM");
+            }
+        }
+        *self = b.finish();
+    }
+
+    /// The state of `gfn` and the extent of that state from `gfn` on: the returned run starts
+    /// at `gfn` and ends where the state changes (or at the 52-bit limit).
+    pub fn run_at(&self, gfn: u64) -> Run {
+        let gfn = gfn.min(MAX_GFN - 1);
+        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        let shared = match self.chunks.get(i) {
+            Some((c, chunk)) if *c == chunk_of(gfn) => chunk.get(offset_of(gfn)),
+            _ => false,
+        };
+        let end = if shared {
+            self.end_of_shared(i, gfn)
+        } else {
+            self.next_shared(i, gfn)
+        };
+        Run {
+            range: PageRange { start: gfn, end },
+            state: if shared {
+                PageState::Shared
+            } else {
+                PageState::Encrypted
+            },
+        }
+    }
+
+    /// Is `gfn` encrypted? (Pages outside RAM are.)
+    pub fn state(&self, gfn: u64) -> PageState {
+        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        match self.chunks.get(i) {
+            Some((c, chunk)) if *c == chunk_of(gfn) && chunk.get(offset_of(gfn)) => {
+                PageState::Shared
+            }
+            _ => PageState::Encrypted,
+        }
+    }
+
+    /// `gfn` is shared and lies in chunk entry `i`: where does its shared run end?
+    fn end_of_shared(&self, mut i: usize, gfn: u64) -> u64 {
+        let mut off = offset_of(gfn);
+        loop {
+            let (c, chunk) = &self.chunks[i];
+            let end = chunk.find(off, false);
+            if end < CHUNK_PAGES {
+                return base_of(*c) + end as u64;
+            }
+            // Shared up to the chunk's end: the run goes on if the next chunk is adjacent and
+            // starts shared.
+            match self.chunks.get(i + 1) {
+                Some((n, next)) if *n == c + 1 && next.get(0) => {
+                    i += 1;
+                    off = 0;
+                }
+                _ => return base_of(c + 1),
+            }
+        }
+    }
+
+    /// `gfn` is encrypted and chunk entry `i` is the first at or after its chunk: where is the
+    /// next shared page?
+    fn next_shared(&self, i: usize, gfn: u64) -> u64 {
+        for (c, chunk) in &self.chunks[i..] {
+            let from = if *c == chunk_of(gfn) {
+                offset_of(gfn)
+            } else {
+                0
+            };
+            let s = chunk.find(from, true);
+            if s < CHUNK_PAGES {
+                return base_of(*c) + s as u64;
+            }
+        }
+        MAX_GFN
+    }
+
+    /// The maximal shared ranges, ascending.
+    pub fn shared_ranges(&self) -> SharedRanges<'_> {
+        SharedRanges {
+            chunks: &self.chunks,
+            idx: 0,
+            inner: None,
+            pending: None,
+        }
+    }
+
+    /// Shared pages of RAM.
+    pub fn shared_pages(&self) -> u64 {
+        self.shared_pages
+    }
+
+    /// Number of maximal shared ranges (O(ranges); for statistics).
+    pub fn range_count(&self) -> u64 {
+        self.shared_ranges().count() as u64
+    }
+
+    /// Heap bytes the map owns (directory, chunks and layout).
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks.capacity() * size_of::<(u64, Chunk)>()
+            + self
+                .chunks
+                .iter()
+                .map(|(_, c)| c.heap_bytes())
+                .sum::<usize>()
+            + std::mem::size_of_val(self.layout.ranges())
+    }
+}
+
+/// Iterator over a map's maximal shared ranges (merged across chunk borders).
+#[derive(Debug)]
+pub struct SharedRanges<'a> {
+    chunks: &'a [(u64, Chunk)],
+    idx: usize,
+    inner: Option<(u64, super::chunk::ChunkRuns<'a>)>,
+    pending: Option<PageRange>,
+}
+
+impl Iterator for SharedRanges<'_> {
+    type Item = PageRange;
+
+    fn next(&mut self) -> Option<PageRange> {
+        loop {
+            let next = loop {
+                if let Some((base, runs)) = &mut self.inner {
+                    if let Some((a, b)) = runs.next() {
+                        break Some(PageRange {
+                            start: *base + a as u64,
+                            end: *base + b as u64,
+                        });
+                    }
+                }
+                match self.chunks.get(self.idx) {
+                    Some((c, chunk)) => {
+                        self.idx += 1;
+                        self.inner = Some((base_of(*c), chunk.runs()));
+                    }
+                    None => break None,
+                }
+            };
+            match (next, &mut self.pending) {
+                (Some(r), Some(p)) if p.end == r.start => p.end = r.end,
+                (Some(r), _) => {
+                    let out = self.pending.replace(r);
+                    if out.is_some() {
+                        return out;
+                    }
+                }
+                (None, _) => return self.pending.take(),
+            }
+        }
+    }
+}
+
+/// Why [`PageMapBuilder::push`] refused a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildError {
+    /// The range starts before the end of the previous one.
+    Unsorted {
+        /// The refused range.
+        range: PageRange,
+        /// End of the previous range.
+        prev_end: u64,
+    },
+    /// Some page of the range is not RAM.
+    NotRam {
+        /// The refused range.
+        range: PageRange,
+    },
+}
+
+/// Builds a map from ascending shared ranges in O(ranges), for the stream loader and layout
+/// changes. Adjacent ranges are merged.
+#[derive(Debug)]
+pub struct PageMapBuilder {
+    map: PageMap,
+    prev_end: u64,
+    /// Runs of the chunk being filled: (chunk number, runs as offsets).
+    cur: Option<(u64, Vec<(u32, u32)>)>,
+}
+
+impl PageMapBuilder {
+    /// A builder for a map over `layout`.
+    pub fn new(layout: Layout) -> PageMapBuilder {
+        PageMapBuilder {
+            map: PageMap::new(layout),
+            prev_end: 0,
+            cur: None,
+        }
+    }
+
+    /// The layout being built against.
+    pub fn layout(&self) -> &Layout {
+        &self.map.layout
+    }
+
+    /// Adds a shared range; it must start at or after the end of the previous one and be RAM.
+    pub fn push(&mut self, range: PageRange) -> Result<(), BuildError> {
+        if range.is_empty() || range.start < self.prev_end {
+            return Err(BuildError::Unsorted {
+                range,
+                prev_end: self.prev_end,
+            });
+        }
+        if self.map.layout.clip(range).next() != Some(range) {
+            return Err(BuildError::NotRam { range });
+        }
+        self.prev_end = range.end;
+        self.map.shared_pages += range.len();
+        let mut start = range.start;
+        while start < range.end {
+            let c = chunk_of(start);
+            let end = range.end.min(base_of(c + 1));
+            let (a, b) = (offset_of(start), offset_of(end - 1) + 1);
+            match &mut self.cur {
+                Some((cc, runs)) if *cc == c => match runs.last_mut() {
+                    Some(last) if last.1 == a => last.1 = b,
+                    _ => runs.push((a, b)),
+                },
+                _ => {
+                    self.flush();
+                    self.cur = Some((c, vec![(a, b)]));
+                }
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if let Some((c, runs)) = self.cur.take() {
+            self.map.chunks.push((c, Chunk::from_runs(&runs)));
+        }
+    }
+
+    /// The finished map.
+    pub fn finish(mut self) -> PageMap {
+        self.flush();
+        self.map.chunks.shrink_to_fit();
+        self.map
+    }
+}

@@ -1,0 +1,536 @@
+//! The handle a VMM holds: the page map behind a lock, the migration-control MSR, the change and
+//! readiness callbacks, statistics, and the two read paths for the RAM migration loop (the
+//! cursor and the run iterator).
+//!
+//! # Concurrency
+//! Every method takes `&self`; a `Tracker` is `Send + Sync` and meant to be shared by all vCPU
+//! threads (which handle hypercall exits without QEMU's big lock) and the migration thread.
+//! Updates serialize on one mutex; the callbacks run on the updating thread with that mutex held,
+//! so the VMM hears changes in the order they happened. A callback must not call back into the
+//! same tracker: such a call fails with [`TrackerError::Reentrant`] instead of deadlocking.
+//!
+//! Readers do not block writers for long: the cursor answers from a cached run without locking
+//! as long as the map's generation number has not moved, and the iterator takes the lock once
+//! per run it returns. Each answer is exact at some instant during the call; a change made after
+//! that instant is followed by a change callback, which is what lets the VMM re-send the pages.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::core::{Layout, PageMap, PageRange, PageState, Run, UpdateSummary, MAX_GFN, PAGE_SHIFT};
+use crate::hypercall::{self, HypercallError, MapRequest, RejectReason};
+use crate::kvm::consts::{KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL};
+
+/// Called after every effective change with the pages that flipped and their new state.
+pub type ChangeCallback = Box<dyn FnMut(PageRange, PageState) + Send>;
+/// Called after every change of the migration-control MSR: (ready, new MSR value).
+pub type ReadinessCallback = Box<dyn FnMut(bool, u64) + Send>;
+
+/// Why a tracker call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackerError {
+    /// The guest's input was refused; the guest gets [`HypercallError::kvm_ret`] in RAX (for a
+    /// hypercall) or #GP (for an MSR write). Nothing changed.
+    Guest(HypercallError),
+    /// The MSR is not MSR_KVM_MIGRATION_CONTROL: not pagenc's to handle.
+    NotOurMsr {
+        /// The MSR index.
+        index: u32,
+    },
+    /// Called from inside one of this tracker's own callbacks.
+    Reentrant,
+    /// An earlier call panicked while holding the lock; the map may be inconsistent, so the
+    /// tracker refuses to go on.
+    Poisoned,
+}
+
+impl fmt::Display for TrackerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrackerError::Guest(e) => e.fmt(f),
+            TrackerError::NotOurMsr { index } => write!(
+                f,
+                "MSR {index:#x} is not handled by pagenc; only MSR_KVM_MIGRATION_CONTROL \
+                 ({MSR_KVM_MIGRATION_CONTROL:#x}) is"
+            ),
+            TrackerError::Reentrant => write!(
+                f,
+                "pagenc was called from inside one of its own callbacks on the same tracker; \
+                 callbacks must not call back into the tracker"
+            ),
+            TrackerError::Poisoned => write!(
+                f,
+                "pagenc tracker is unusable: an earlier call failed with an internal error while \
+                 updating it"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TrackerError {}
+
+impl From<HypercallError> for TrackerError {
+    fn from(e: HypercallError) -> Self {
+        TrackerError::Guest(e)
+    }
+}
+
+/// An accepted MAP_GPA_RANGE call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HypercallOutcome {
+    /// The validated request.
+    pub request: MapRequest,
+    /// What it changed.
+    pub summary: UpdateSummary,
+}
+
+impl HypercallOutcome {
+    /// The value for `kvm_run.hypercall.ret`: success.
+    pub const RET: u64 = 0;
+}
+
+/// A snapshot of the tracker's statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// MAP_GPA_RANGE (and other) hypercalls handed to the tracker, accepted or not.
+    pub hypercalls: u64,
+    /// Rejections by [`RejectReason`] (MSR writes included, under `ReservedMsrBits`).
+    pub rejected: [u64; RejectReason::COUNT],
+    /// Pages named by accepted calls that lie outside guest RAM (accepted, not stored).
+    pub clipped_pages: u64,
+    /// Pages whose state really changed.
+    pub pages_flipped: u64,
+    /// Maximal shared ranges now.
+    pub shared_ranges: u64,
+    /// Shared pages now.
+    pub shared_pages: u64,
+    /// Heap bytes the map uses.
+    pub heap_bytes: u64,
+    /// MSR_KVM_MIGRATION_CONTROL now.
+    pub msr_value: u64,
+    /// Accepted MSR writes.
+    pub msr_writes: u64,
+    /// Pages of guest RAM in the layout.
+    pub ram_pages: u64,
+}
+
+struct Inner {
+    map: PageMap,
+    on_change: Option<ChangeCallback>,
+    on_readiness: Option<ReadinessCallback>,
+    accepted: u64,
+    clipped_pages: u64,
+    pages_flipped: u64,
+    msr_writes: u64,
+}
+
+/// The page-encryption list of one guest. See the module documentation for concurrency.
+pub struct Tracker {
+    inner: Mutex<Inner>,
+    /// Bumped (under the lock) after every effective change of the map.
+    generation: AtomicU64,
+    msr: AtomicU64,
+    /// Token of the thread running callbacks now, 0 if none.
+    callback_thread: AtomicU64,
+    /// Rejections are counted without the lock: a guest spamming bad calls must not contend.
+    rejected: [AtomicU64; RejectReason::COUNT],
+}
+
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("generation", &self.generation.load(Ordering::Relaxed))
+            .field("msr", &self.msr.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A number that identifies the calling thread while it lives (the address of a thread-local),
+/// so that a callback calling back into its tracker is caught instead of deadlocking.
+fn thread_token() -> u64 {
+    thread_local!(static MARK: u8 = const { 0 });
+    MARK.with(|m| m as *const u8 as u64)
+}
+
+impl Tracker {
+    /// A tracker over `layout`: every page encrypted, migration not ready.
+    pub fn new(layout: Layout) -> Tracker {
+        Tracker {
+            inner: Mutex::new(Inner {
+                map: PageMap::new(layout),
+                on_change: None,
+                on_readiness: None,
+                accepted: 0,
+                clipped_pages: 0,
+                pages_flipped: 0,
+                msr_writes: 0,
+            }),
+            generation: AtomicU64::new(0),
+            msr: AtomicU64::new(0),
+            callback_thread: AtomicU64::new(0),
+            rejected: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, TrackerError> {
+        if self.callback_thread.load(Ordering::Relaxed) == thread_token() {
+            return Err(TrackerError::Reentrant);
+        }
+        self.inner.lock().map_err(|_| TrackerError::Poisoned)
+    }
+
+    /// Runs `f` (which calls callbacks) with the re-entrance guard set.
+    fn in_callbacks<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.callback_thread
+            .store(thread_token(), Ordering::Relaxed);
+        let r = f();
+        self.callback_thread.store(0, Ordering::Relaxed);
+        r
+    }
+
+    /// Installs (or with `None` removes) the change callback.
+    pub fn set_change_callback(&self, cb: Option<ChangeCallback>) -> Result<(), TrackerError> {
+        self.lock()?.on_change = cb;
+        Ok(())
+    }
+
+    /// Installs (or with `None` removes) the readiness callback.
+    pub fn set_readiness_callback(
+        &self,
+        cb: Option<ReadinessCallback>,
+    ) -> Result<(), TrackerError> {
+        self.lock()?.on_readiness = cb;
+        Ok(())
+    }
+
+    /// Handles a hypercall exit: `KVM_HC_MAP_GPA_RANGE` with `args = [gpa, npages, attrs]`.
+    /// On success the guest gets [`HypercallOutcome::RET`]; on `Err(TrackerError::Guest(e))`
+    /// it gets `e.kvm_ret()` and nothing changed.
+    pub fn handle_hypercall(
+        &self,
+        nr: u64,
+        args: [u64; 3],
+    ) -> Result<HypercallOutcome, TrackerError> {
+        let request = match hypercall::validate_map_gpa_range(nr, args[0], args[1], args[2]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.rejected[e.reason as usize].fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        inner.accepted += 1;
+        let summary = self.apply(inner, request.range, request.state);
+        inner.clipped_pages += summary.clipped;
+        Ok(HypercallOutcome { request, summary })
+    }
+
+    /// `KVM_HC_MAP_GPA_RANGE` with its three arguments (see [`Tracker::handle_hypercall`]).
+    pub fn map_gpa_range(
+        &self,
+        gpa: u64,
+        npages: u64,
+        attrs: u64,
+    ) -> Result<HypercallOutcome, TrackerError> {
+        self.handle_hypercall(
+            crate::kvm::consts::KVM_HC_MAP_GPA_RANGE as u64,
+            [gpa, npages, attrs],
+        )
+    }
+
+    /// Sets `range` to `state` under the lock and tells the change callback about every flip.
+    ///
+    /// The generation is bumped before the first flip is reported: a cursor that checks it
+    /// afterwards refills under the lock and so sees the finished update, and a cursor that
+    /// answered from its cache before the bump did so before the callback ran, so the VMM's
+    /// dirty marking comes after that answer.
+    fn apply(&self, inner: &mut Inner, range: PageRange, state: PageState) -> UpdateSummary {
+        let Inner { map, on_change, .. } = inner;
+        let mut bumped = false;
+        let summary = self.in_callbacks(|| {
+            map.set(range, state, &mut |r| {
+                if !bumped {
+                    self.generation.fetch_add(1, Ordering::Release);
+                    bumped = true;
+                }
+                if let Some(cb) = on_change.as_mut() {
+                    cb(r, state);
+                }
+            })
+        });
+        inner.pages_flipped += summary.flipped;
+        summary
+    }
+
+    /// Reads MSR `index`: the migration-control value if it is MSR_KVM_MIGRATION_CONTROL.
+    pub fn rdmsr(&self, index: u32) -> Result<u64, TrackerError> {
+        if index != MSR_KVM_MIGRATION_CONTROL {
+            return Err(TrackerError::NotOurMsr { index });
+        }
+        Ok(self.msr.load(Ordering::Acquire))
+    }
+
+    /// Writes MSR `index`: 0 or KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL. Any other bit
+    /// is refused (inject #GP); the readiness callback hears every change of the value.
+    pub fn wrmsr(&self, index: u32, value: u64) -> Result<(), TrackerError> {
+        if index != MSR_KVM_MIGRATION_CONTROL {
+            return Err(TrackerError::NotOurMsr { index });
+        }
+        let value = match hypercall::validate_migration_control(index, value) {
+            Ok(v) => v,
+            Err(e) => {
+                self.rejected[e.reason as usize].fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        let mut guard = self.lock()?;
+        guard.msr_writes += 1;
+        self.set_msr(&mut guard, value);
+        Ok(())
+    }
+
+    fn set_msr(&self, inner: &mut Inner, value: u64) {
+        let old = self.msr.swap(value, Ordering::AcqRel);
+        if old != value {
+            if let Some(cb) = &mut inner.on_readiness {
+                let ready = value & KVM_MIGRATION_READY as u64 != 0;
+                self.in_callbacks(|| cb(ready, value));
+            }
+        }
+    }
+
+    /// True once the guest has written KVM_MIGRATION_READY (and not 0 since).
+    pub fn is_ready(&self) -> bool {
+        self.msr.load(Ordering::Acquire) & KVM_MIGRATION_READY as u64 != 0
+    }
+
+    /// The state of the page at `gpa` (any byte address in it). Pages outside RAM read as
+    /// encrypted: they are not tracked.
+    pub fn state(&self, gpa: u64) -> Result<PageState, TrackerError> {
+        Ok(self.lock()?.map.state(gpa >> PAGE_SHIFT))
+    }
+
+    /// Guest reset: every page encrypted again (the change callback hears each shared range)
+    /// and migration not ready (the readiness callback hears it if it was).
+    pub fn reset(&self) -> Result<(), TrackerError> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let Inner { map, on_change, .. } = inner;
+        let mut bumped = false;
+        self.in_callbacks(|| {
+            map.clear(&mut |r| {
+                if !bumped {
+                    self.generation.fetch_add(1, Ordering::Release);
+                    bumped = true;
+                }
+                if let Some(cb) = on_change.as_mut() {
+                    cb(r, PageState::Encrypted);
+                }
+            })
+        });
+        self.set_msr(inner, 0);
+        Ok(())
+    }
+
+    /// Replaces the RAM layout (memory hotplug); shared pages that stay RAM stay shared.
+    pub fn set_layout(&self, layout: Layout) -> Result<(), TrackerError> {
+        let mut guard = self.lock()?;
+        guard.map.set_layout(layout);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// A copy of the RAM layout.
+    pub fn layout(&self) -> Result<Layout, TrackerError> {
+        Ok(self.lock()?.map.layout().clone())
+    }
+
+    /// Statistics (O(ranges): counts ranges and bytes on the spot).
+    pub fn stats(&self) -> Result<Stats, TrackerError> {
+        let inner = self.lock()?;
+        let mut rejected = [0; RejectReason::COUNT];
+        for (r, c) in rejected.iter_mut().zip(&self.rejected) {
+            *r = c.load(Ordering::Relaxed);
+        }
+        Ok(Stats {
+            hypercalls: inner.accepted
+                + rejected[..RejectReason::ReservedMsrBits as usize]
+                    .iter()
+                    .sum::<u64>(),
+            rejected,
+            clipped_pages: inner.clipped_pages,
+            pages_flipped: inner.pages_flipped,
+            shared_ranges: inner.map.range_count(),
+            shared_pages: inner.map.shared_pages(),
+            heap_bytes: (inner.map.heap_bytes() + std::mem::size_of::<Tracker>()) as u64,
+            msr_value: self.msr.load(Ordering::Acquire),
+            msr_writes: inner.msr_writes,
+            ram_pages: inner.map.layout().pages(),
+        })
+    }
+
+    /// The shared ranges now, ascending (a copy, for display and tests).
+    pub fn shared_ranges(&self) -> Result<Vec<PageRange>, TrackerError> {
+        Ok(self.lock()?.map.shared_ranges().collect())
+    }
+
+    /// Runs `f` on the map and MSR value under the lock (the stream encoder's view).
+    pub fn with_map<R>(&self, f: impl FnOnce(&PageMap, u64) -> R) -> Result<R, TrackerError> {
+        let inner = self.lock()?;
+        Ok(f(&inner.map, self.msr.load(Ordering::Acquire)))
+    }
+
+    /// Replaces the map and MSR value at once (an incoming migration). The map must have been
+    /// built against this tracker's layout (see [`Tracker::layout`]). The change callback is not
+    /// called: the loaded list is authoritative, there is nothing to re-send. The readiness
+    /// callback hears a change of readiness.
+    pub fn replace(&self, map: PageMap, msr: u64) -> Result<(), TrackerError> {
+        let mut guard = self.lock()?;
+        guard.map = map;
+        self.generation.fetch_add(1, Ordering::Release);
+        self.set_msr(&mut guard, msr);
+        Ok(())
+    }
+
+    /// A cursor for ascending per-page queries.
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            tracker: self,
+            state: CursorState::new(),
+        }
+    }
+
+    /// Iterates the maximal runs over `[start, end)` gfns; with `shared_only`, only shared runs.
+    pub fn runs(&self, range: PageRange, shared_only: bool) -> Runs<'_> {
+        Runs {
+            tracker: self,
+            state: RunsState::new(range, shared_only),
+        }
+    }
+}
+
+/// The state of a cursor, kept apart from the tracker borrow so that the C layer can hold the
+/// tracker by reference count. See [`Cursor`].
+#[derive(Debug, Clone, Copy)]
+pub struct CursorState {
+    generation: u64,
+    cached: Run,
+}
+
+impl Default for CursorState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CursorState {
+    /// A cursor with nothing cached.
+    pub fn new() -> CursorState {
+        CursorState {
+            generation: u64::MAX,
+            cached: Run {
+                range: PageRange { start: 0, end: 0 },
+                state: PageState::Encrypted,
+            },
+        }
+    }
+
+    /// The state of `gfn` and where it ends: the returned run starts at `gfn`. O(1) while
+    /// queries ascend inside the cached run and the map does not change; otherwise one lookup.
+    #[inline]
+    pub fn query(&mut self, tracker: &Tracker, gfn: u64) -> Result<Run, TrackerError> {
+        if tracker.generation.load(Ordering::Acquire) == self.generation
+            && self.cached.range.contains(gfn)
+        {
+            return Ok(Run {
+                range: PageRange {
+                    start: gfn,
+                    end: self.cached.range.end,
+                },
+                state: self.cached.state,
+            });
+        }
+        self.refill(tracker, gfn)
+    }
+
+    #[cold]
+    fn refill(&mut self, tracker: &Tracker, gfn: u64) -> Result<Run, TrackerError> {
+        let gfn = gfn.min(MAX_GFN - 1);
+        let inner = tracker.lock()?;
+        // Writers bump the generation under the lock, so this pairs exactly with the map read.
+        self.generation = tracker.generation.load(Ordering::Acquire);
+        self.cached = inner.map.run_at(gfn);
+        Ok(self.cached)
+    }
+}
+
+/// Answers "is this page encrypted, and until which page" for ascending queries in O(1)
+/// amortised: the RAM migration loop's per-page classification.
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    tracker: &'a Tracker,
+    state: CursorState,
+}
+
+impl Cursor<'_> {
+    /// See [`CursorState::query`].
+    #[inline]
+    pub fn query(&mut self, gfn: u64) -> Result<Run, TrackerError> {
+        self.state.query(self.tracker, gfn)
+    }
+}
+
+/// The position of a run iterator, kept apart from the tracker borrow (see [`CursorState`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RunsState {
+    next: u64,
+    end: u64,
+    shared_only: bool,
+}
+
+impl RunsState {
+    /// Iteration over `range` (clipped to the 52-bit limit).
+    pub fn new(range: PageRange, shared_only: bool) -> RunsState {
+        RunsState {
+            next: range.start.min(MAX_GFN),
+            end: range.end.min(MAX_GFN),
+            shared_only,
+        }
+    }
+
+    /// The next run, taking the lock once; `Ok(None)` at the end.
+    pub fn next(&mut self, tracker: &Tracker) -> Result<Option<Run>, TrackerError> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let inner = tracker.lock()?;
+        loop {
+            let mut run = inner.map.run_at(self.next);
+            run.range.end = run.range.end.min(self.end);
+            self.next = run.range.end;
+            if !self.shared_only || run.state == PageState::Shared {
+                return Ok(Some(run));
+            }
+            if self.next >= self.end {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Iterator over maximal runs (see [`Tracker::runs`]). Each run is exact when returned.
+#[derive(Debug)]
+pub struct Runs<'a> {
+    tracker: &'a Tracker,
+    state: RunsState,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Result<Run, TrackerError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.state.next(self.tracker).transpose()
+    }
+}
