@@ -1,0 +1,1 @@
+//! The migration-stream encoding (placeholder until the stream codec lands).
