@@ -316,6 +316,38 @@ impl Chunk {
         }
     }
 
+    /// Checks the representation invariants: runs sorted, disjoint, non-adjacent and below
+    /// [`RUNS_MAX`]; a bitmap's count right; no empty chunk; `Full` used for a full chunk.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        match self {
+            Chunk::Full => Ok(()),
+            Chunk::Runs(r) => {
+                if r.is_empty() || r.len() > RUNS_MAX {
+                    return Err(format!("runs chunk with {} runs", r.len()));
+                }
+                if r.len() == 1 && r[0].start() == 0 && r[0].end() == CHUNK_PAGES {
+                    return Err("full chunk stored as runs".into());
+                }
+                for w in r.windows(2) {
+                    if w[0].end() >= w[1].start() {
+                        return Err(format!("runs {:?} and {:?} overlap or touch", w[0], w[1]));
+                    }
+                }
+                Ok(())
+            }
+            Chunk::Bitmap(b) => {
+                let pages: u32 = b.words.iter().map(|w| w.count_ones()).sum();
+                if pages != b.pages || pages == 0 || pages == CHUNK_PAGES {
+                    return Err(format!(
+                        "bitmap chunk counts {} pages, has {pages}",
+                        b.pages
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader).
     pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
         let mut chunk = Chunk::Runs(runs.iter().map(|&(a, b)| Span::new(a, b)).collect());

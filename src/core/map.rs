@@ -194,6 +194,11 @@ impl PageMap {
             }
         }
         self.chunks.drain(keep..hi);
+        if self.chunks.capacity() > 2 * self.chunks.len() + 16 {
+            // Hand the directory back after a large re-encryption (kexec, E820 reset).
+            self.chunks
+                .shrink_to(self.chunks.len() + self.chunks.len() / 2);
+        }
     }
 
     /// Every page back to encrypted (guest reset); `flipped` hears every shared range.
@@ -310,6 +315,42 @@ impl PageMap {
     /// Number of maximal shared ranges (O(ranges); for statistics).
     pub fn range_count(&self) -> u64 {
         self.shared_ranges().count() as u64
+    }
+
+    /// Checks the representation invariants (directory sorted, no empty chunk, every chunk in
+    /// canonical form, the shared-page count right). For tests and fuzzing; O(size of the map).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for w in self.chunks.windows(2) {
+            if w[0].0 >= w[1].0 {
+                return Err(format!(
+                    "chunk directory unsorted at {} / {}",
+                    w[0].0, w[1].0
+                ));
+            }
+        }
+        let mut pages = 0;
+        for (c, chunk) in &self.chunks {
+            chunk
+                .check_invariants()
+                .map_err(|e| format!("chunk {c}: {e}"))?;
+            for (a, b) in chunk.runs() {
+                pages += (b - a) as u64;
+                let r = PageRange {
+                    start: base_of(*c) + a as u64,
+                    end: base_of(*c) + b as u64,
+                };
+                if self.layout.clip(r).next() != Some(r) {
+                    return Err(format!("shared range {r:?} is not RAM"));
+                }
+            }
+        }
+        if pages != self.shared_pages {
+            return Err(format!(
+                "shared_pages {} but {pages} stored",
+                self.shared_pages
+            ));
+        }
+        Ok(())
     }
 
     /// Heap bytes the map owns (directory, chunks and layout).
