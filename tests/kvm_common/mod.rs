@@ -14,7 +14,10 @@ use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, kvm_userspace_memory_region, KV
 pub mod ioctls {
     use super::*;
     nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(KVMIO, 0x01));
-    nix::ioctl_none!(kvm_get_vcpu_mmap_size, KVMIO, 0x04);
+    // KVM refuses KVM_GET_VCPU_MMAP_SIZE and KVM_RUN with EINVAL unless the (unused) argument is
+    // 0, so they are declared with an int argument and called with 0: ioctl_none! would leave
+    // whatever is in the third argument register.
+    nix::ioctl_write_int_bad!(kvm_get_vcpu_mmap_size, nix::request_code_none!(KVMIO, 0x04));
     nix::ioctl_write_int_bad!(kvm_create_vcpu, nix::request_code_none!(KVMIO, 0x41));
     nix::ioctl_write_ptr!(
         kvm_set_user_memory_region,
@@ -22,7 +25,7 @@ pub mod ioctls {
         0x46,
         kvm_userspace_memory_region
     );
-    nix::ioctl_none!(kvm_run_ioctl, KVMIO, 0x80);
+    nix::ioctl_write_int_bad!(kvm_run_ioctl, nix::request_code_none!(KVMIO, 0x80));
     nix::ioctl_read!(kvm_get_regs, KVMIO, 0x81, kvm_regs);
     nix::ioctl_write_ptr!(kvm_set_regs, KVMIO, 0x82, kvm_regs);
     nix::ioctl_read!(kvm_get_sregs, KVMIO, 0x83, kvm_sregs);
@@ -70,8 +73,8 @@ pub fn create_vm(kvm: BorrowedFd<'_>) -> OwnedFd {
 /// KVM_GET_VCPU_MMAP_SIZE on the /dev/kvm fd: the size of a vCPU's kvm_run mapping.
 pub fn vcpu_mmap_size(kvm: BorrowedFd<'_>) -> usize {
     // SAFETY: KVM_GET_VCPU_MMAP_SIZE takes no argument and returns a size.
-    let size =
-        unsafe { ioctls::kvm_get_vcpu_mmap_size(kvm.as_raw_fd()) }.expect("KVM_GET_VCPU_MMAP_SIZE");
+    let size = unsafe { ioctls::kvm_get_vcpu_mmap_size(kvm.as_raw_fd(), 0) }
+        .expect("KVM_GET_VCPU_MMAP_SIZE");
     usize::try_from(size).expect("a positive size")
 }
 
@@ -233,7 +236,7 @@ impl TinyVm {
         // TinyVm owns, and the guest RAM registered above, also owned here. No Rust reference
         // into either is live across this call (both are borrowed only through &mut self
         // methods, and this takes &self).
-        unsafe { ioctls::kvm_run_ioctl(self.vcpu.as_raw_fd()) }.map(drop)
+        unsafe { ioctls::kvm_run_ioctl(self.vcpu.as_raw_fd(), 0) }.map(drop)
     }
 }
 
