@@ -193,12 +193,12 @@ fn out_of_ram_ranges_are_accepted_clipped_and_counted() {
     assert_eq!(out.summary.flipped, 1);
     assert_eq!(out.summary.clipped, (2 * GIB) >> 12);
     // Billions of pages up to the 52-bit limit: O(1) memory; RAM above 4 GiB becomes shared.
-    t.map_gpa_range(4 * GIB, MAX_GFN - (4 * GIB >> 12), 0)
+    t.map_gpa_range(4 * GIB, MAX_GFN - ((4 * GIB) >> 12), 0)
         .unwrap();
     let s = t.stats().unwrap();
     assert!(s.clipped_pages > 1 << 39);
     assert!(s.heap_bytes < 64 * 1024, "{} bytes", s.heap_bytes);
-    assert_eq!(s.shared_pages, 1 + (2 * GIB >> 12));
+    assert_eq!(s.shared_pages, 1 + ((2 * GIB) >> 12));
     assert_eq!(t.shared_ranges().unwrap().len(), 2);
 }
 
@@ -269,11 +269,17 @@ fn change_callback_hears_exactly_the_flips() {
             (pr(0x10, 0x20), PageState::Shared),
             (pr(0x20, 0x28), PageState::Shared),
             (pr(0x14, 0x16), PageState::Encrypted),
-            (pr((2 * GIB >> 12) - 2, 2 * GIB >> 12), PageState::Shared),
+            (
+                pr(((2 * GIB) >> 12) - 2, (2 * GIB) >> 12),
+                PageState::Shared
+            ),
             (pr(hole_end, hole_end + 2), PageState::Shared),
             (pr(0x10, 0x14), PageState::Encrypted),
             (pr(0x16, 0x28), PageState::Encrypted),
-            (pr((2 * GIB >> 12) - 2, 2 * GIB >> 12), PageState::Encrypted),
+            (
+                pr(((2 * GIB) >> 12) - 2, (2 * GIB) >> 12),
+                PageState::Encrypted
+            ),
             (pr(hole_end, hole_end + 2), PageState::Encrypted),
         ]
     );
@@ -341,7 +347,7 @@ fn concurrent_updaters_and_a_reader_see_no_torn_ranges() {
                     x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
                     let block = w * 64 + (x >> 33) % 64;
                     let attrs = if x >> 63 == 0 { 0 } else { ENC };
-                    t.map_gpa_range(block * BLOCK << PAGE_SHIFT, BLOCK, attrs)
+                    t.map_gpa_range((block * BLOCK) << PAGE_SHIFT, BLOCK, attrs)
                         .unwrap();
                 }
             })
