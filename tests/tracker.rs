@@ -440,7 +440,7 @@ fn bad_layouts_explain_themselves() {
         ),
         (
             &[RamRange {
-                gpa: u64::MAX & !0xfff,
+                gpa: !0xfff,
                 size: 0x2000,
             }],
             "52-bit",
