@@ -1,0 +1,210 @@
+//! A real guest on the real /dev/kvm drives `pagenc::kvm::run::handle_exit` through its
+//! MSR_KVM_MIGRATION_CONTROL path: a few bytes of real-mode code WRMSR READY, RDMSR it back and
+//! report the value through port I/O, WRMSR a reserved bit (which must come back as #GP), then
+//! WRMSR 0. The vCPU's own mmapped kvm_run is handed to pagenc after every KVM_RUN.
+//!
+//! There is no VMMCALL guest here on purpose: on this machine's PVM-based KVM a guest VMMCALL
+//! never reaches KVM_EXIT_HYPERCALL (a 64-bit one livelocks the vCPU inside KVM_RUN), see
+//! docs/testing.md. The hypercall path is tested with real kvm_run buffers in tests/kvm_run.rs.
+//!
+//! Skips (saying so) where /dev/kvm is absent; fails then if PAGENC_REQUIRE_KVM=1.
+
+mod kvm_common;
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{KVM_EXIT_HLT, KVM_EXIT_IO, KVM_EXIT_IO_OUT};
+use kvm_common::{open_kvm, TinyVm, Watchdog};
+use nix::errno::Errno;
+use pagenc::kvm::consts::MSR_KVM_MIGRATION_CONTROL;
+use pagenc::kvm::run::{handle_exit, ExitOutcome};
+use pagenc::kvm::vm::{enable_exit_hypercall, enable_user_space_msr, set_migration_control_filter};
+use pagenc::{Layout, RamRange, Tracker};
+
+const RAM: usize = 64 << 10;
+const CODE: usize = 0x1000;
+/// Interrupt stubs: vector v at STUBS + 8 v.
+const STUBS: usize = 0x2000;
+/// The port the stubs report their vector on.
+const VECTOR_PORT: u16 = 0x99;
+const GP: u8 = 13;
+
+/// Real-mode guest code at 0x1000 (assembled with `as --32`, `.code16`; offsets on the left).
+const GUEST: &[u8] = &[
+    0x66, 0xb9, 0x08, 0x4d, 0x56,
+    0x4b, // 00: mov $0x4b564d08, %ecx   MSR_KVM_MIGRATION_CONTROL
+    0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, // 06: mov $1, %eax            KVM_MIGRATION_READY
+    0x66, 0x31, 0xd2, //                   0c: xor %edx, %edx
+    0x0f, 0x30, //                         0f: wrmsr                   -> WRMSR exit (taken)
+    0x66, 0x31, 0xc0, //                   11: xor %eax, %eax
+    0x66, 0xba, 0xff, 0xff, 0xff, 0xff, // 14: mov $0xffffffff, %edx   (rdmsr must clear it)
+    0x0f, 0x32, //                         1a: rdmsr                   -> RDMSR exit
+    0x66, 0xe7, 0x10, //                   1c: out %eax, $0x10         low half of the value
+    0x66, 0x89, 0xd0, //                   1f: mov %edx, %eax
+    0x66, 0xe7, 0x14, //                   22: out %eax, $0x14         high half
+    0x66, 0xb8, 0x02, 0x00, 0x00, 0x00, // 25: mov $2, %eax            a reserved bit
+    0x66, 0x31, 0xd2, //                   2b: xor %edx, %edx
+    0x0f,
+    0x30, //                         2e: wrmsr                   -> WRMSR exit (refused: #GP)
+    0xf4, //                               30: hlt                     (not reached: #GP)
+    // cont (0x31), where the #GP stub jumps:
+    0x66, 0x31, 0xc0, //                   31: xor %eax, %eax
+    0x66, 0x31, 0xd2, //                   34: xor %edx, %edx
+    0x0f, 0x30, //                         37: wrmsr                   -> WRMSR 0 (taken)
+    0x66, 0xb8, 0xff, 0xff, 0xff, 0xff, // 39: mov $0xffffffff, %eax
+    0x0f, 0x32, //                         3f: rdmsr                   -> RDMSR exit
+    0x66, 0xe7, 0x10, //                   41: out %eax, $0x10
+    0xf4, //                               44: hlt
+];
+const CONT: usize = CODE + 0x31;
+const END: u64 = (CODE + GUEST.len()) as u64;
+
+/// Writes the guest: the code, and for each of the 32 exception vectors an IVT entry (0:stub)
+/// and a stub `mov $v, %al; out %al, $0x99` followed by `hlt` (or, for #GP, `jmp cont`).
+fn load_guest(ram: &mut [u8]) {
+    ram[CODE..CODE + GUEST.len()].copy_from_slice(GUEST);
+    for v in 0..32u8 {
+        let stub = STUBS + 8 * v as usize;
+        ram[4 * v as usize..4 * v as usize + 4].copy_from_slice(&[
+            (stub & 0xff) as u8,
+            (stub >> 8) as u8,
+            0,
+            0,
+        ]);
+        ram[stub..stub + 4].copy_from_slice(&[0xb0, v, 0xe6, VECTOR_PORT as u8]);
+        if v == GP {
+            let rel = (CONT as i32 - (stub as i32 + 7)) as i16;
+            ram[stub + 4] = 0xe9; // jmp rel16
+            ram[stub + 5..stub + 7].copy_from_slice(&rel.to_le_bytes());
+        } else {
+            ram[stub + 4] = 0xf4; // hlt
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Pagenc(ExitOutcome, bool /* tracker ready afterwards */),
+    Out(u16, u32),
+    Hlt,
+}
+
+#[test]
+fn guest_writes_and_reads_migration_control() {
+    let Some(kvm) = open_kvm("guest_writes_and_reads_migration_control") else {
+        return;
+    };
+    let mut vm = TinyVm::new(kvm.as_fd(), RAM);
+    // The set-up a VMM without an MSR filter of its own does.
+    enable_exit_hypercall(vm.vm.as_fd(), 0).unwrap();
+    enable_user_space_msr(vm.vm.as_fd(), 0).unwrap();
+    set_migration_control_filter(vm.vm.as_fd()).unwrap();
+    load_guest(vm.ram.bytes());
+    vm.set_real_mode(CODE as u64);
+
+    let tracker = Tracker::new(
+        Layout::new(&[RamRange {
+            gpa: 0,
+            size: RAM as u64,
+        }])
+        .unwrap(),
+    );
+    let readiness = Arc::new(Mutex::new(Vec::new()));
+    let r = readiness.clone();
+    tracker
+        .set_readiness_callback(Some(Box::new(move |ready, v| {
+            r.lock().unwrap().push((ready, v))
+        })))
+        .unwrap();
+
+    let mut events = Vec::new();
+    let watchdog = Watchdog::new(10);
+    for _ in 0..32 {
+        match vm.run_once() {
+            Ok(()) => {}
+            Err(Errno::EINTR) => panic!(
+                "KVM_RUN did not return within 10 s (guest stuck at rip {:#x}); events so far: \
+                 {events:?}",
+                vm.regs().rip
+            ),
+            Err(e) => panic!("KVM_RUN: {e}; events so far: {events:?}"),
+        }
+        let out = handle_exit(&tracker, vm.run.run()).unwrap();
+        let event = match out {
+            ExitOutcome::NotHandled {
+                exit_reason: KVM_EXIT_IO,
+            } => {
+                // SAFETY: exit_reason told us which member the kernel filled: `io`.
+                let io = unsafe { vm.run.run().__bindgen_anon_1.io };
+                assert_eq!(io.direction as u32, KVM_EXIT_IO_OUT);
+                assert_eq!(io.count, 1);
+                let off = io.data_offset as usize;
+                let mut v = [0u8; 4];
+                v[..io.size as usize].copy_from_slice(&vm.run.bytes()[off..off + io.size as usize]);
+                Event::Out(io.port, u32::from_le_bytes(v))
+            }
+            ExitOutcome::NotHandled {
+                exit_reason: KVM_EXIT_HLT,
+            } => Event::Hlt,
+            ExitOutcome::NotHandled { exit_reason } => panic!(
+                "unexpected exit {exit_reason} at rip {:#x}; events so far: {events:?}",
+                vm.regs().rip
+            ),
+            handled => Event::Pagenc(handled, tracker.is_ready()),
+        };
+        events.push(event);
+        if events.last() == Some(&Event::Hlt) {
+            break;
+        }
+    }
+    drop(watchdog);
+
+    use Event::*;
+    assert_eq!(
+        events,
+        vec![
+            Pagenc(ExitOutcome::MsrWrite { accepted: true }, true),
+            Pagenc(ExitOutcome::MsrRead { value: 1 }, true),
+            Out(0x10, 1), // the value pagenc returned reached EAX...
+            Out(0x14, 0), // ...and EDX
+            Pagenc(ExitOutcome::MsrWrite { accepted: false }, true),
+            Out(VECTOR_PORT, GP as u32), // msr.error = 1 became #GP in the guest
+            Pagenc(ExitOutcome::MsrWrite { accepted: true }, false),
+            Pagenc(ExitOutcome::MsrRead { value: 0 }, false),
+            Out(0x10, 0),
+            Hlt,
+        ]
+    );
+    assert_eq!(vm.regs().rip, END, "halted after the last instruction");
+    assert_eq!(*readiness.lock().unwrap(), vec![(true, 1), (false, 0)]);
+    let stats = tracker.stats().unwrap();
+    assert_eq!(stats.msr_writes, 2);
+    assert_eq!(stats.msr_value, 0);
+    assert_eq!(
+        stats.rejected[pagenc::RejectReason::ReservedMsrBits as usize],
+        1
+    );
+    let _ = MSR_KVM_MIGRATION_CONTROL;
+}
+
+/// The watchdog every KVM_RUN here relies on really bounds a vCPU that never exits: a guest
+/// spinning on `jmp .` comes back with EINTR instead of hanging the test run (as this machine's
+/// 64-bit VMMCALL livelock would).
+#[test]
+fn a_guest_that_never_exits_is_bounded() {
+    let Some(kvm) = open_kvm("a_guest_that_never_exits_is_bounded") else {
+        return;
+    };
+    let mut vm = TinyVm::new(kvm.as_fd(), RAM);
+    vm.ram.bytes()[CODE..CODE + 2].copy_from_slice(&[0xeb, 0xfe]); // jmp .
+    vm.set_real_mode(CODE as u64);
+    let start = std::time::Instant::now();
+    let watchdog = Watchdog::new(1);
+    let r = vm.run_once();
+    drop(watchdog);
+    assert_eq!(r, Err(Errno::EINTR));
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert_eq!(vm.regs().rip, CODE as u64, "still spinning on the jmp");
+}
