@@ -292,6 +292,11 @@ fn hostile_fragmentation_stays_under_a_bitmap() {
         bitmap
     );
     assert!(map.heap_bytes() < 640 * 1024);
+    println!(
+        "hostile 16 GiB: {} ranges in {} bytes",
+        map.range_count(),
+        map.heap_bytes()
+    );
     // Encrypting all of RAM again in one call (Linux's E820 reset) empties it.
     let sum = map.set(
         PageRange {
