@@ -242,8 +242,7 @@ impl Chunk {
         }
     }
 
-    /// Number of shared runs inside the chunk.
-    #[cfg(test)]
+    /// Number of shared runs inside the chunk (word-parallel for a bitmap).
     pub fn run_count(&self) -> usize {
         match self {
             Chunk::Full => 1,

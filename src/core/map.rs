@@ -312,9 +312,17 @@ impl PageMap {
         self.shared_pages
     }
 
-    /// Number of maximal shared ranges (O(ranges); for statistics).
+    /// Number of maximal shared ranges, for statistics: the chunks' run counts less the runs
+    /// that continue across a chunk border. O(chunks + bitmap words), not O(ranges), so that a
+    /// statistics query on a fragmented map does not hold the lock for long.
     pub fn range_count(&self) -> u64 {
-        self.shared_ranges().count() as u64
+        let runs: u64 = self.chunks.iter().map(|(_, c)| c.run_count() as u64).sum();
+        let joins = self
+            .chunks
+            .windows(2)
+            .filter(|w| w[1].0 == w[0].0 + 1 && w[0].1.get(CHUNK_PAGES - 1) && w[1].1.get(0))
+            .count() as u64;
+        runs - joins
     }
 
     /// Checks the representation invariants (directory sorted, no empty chunk, every chunk in
