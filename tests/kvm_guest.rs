@@ -90,34 +90,9 @@ enum Event {
     Hlt,
 }
 
-#[test]
-fn guest_writes_and_reads_migration_control() {
-    let Some(kvm) = open_kvm("guest_writes_and_reads_migration_control") else {
-        return;
-    };
-    let mut vm = TinyVm::new(kvm.as_fd(), RAM);
-    // The set-up a VMM without an MSR filter of its own does.
-    enable_exit_hypercall(vm.vm.as_fd(), 0).unwrap();
-    enable_user_space_msr(vm.vm.as_fd(), 0).unwrap();
-    set_migration_control_filter(vm.vm.as_fd()).unwrap();
-    load_guest(vm.ram.bytes());
-    vm.set_real_mode(CODE as u64);
-
-    let tracker = Tracker::new(
-        Layout::new(&[RamRange {
-            gpa: 0,
-            size: RAM as u64,
-        }])
-        .unwrap(),
-    );
-    let readiness = Arc::new(Mutex::new(Vec::new()));
-    let r = readiness.clone();
-    tracker
-        .set_readiness_callback(Some(Box::new(move |ready, v| {
-            r.lock().unwrap().push((ready, v))
-        })))
-        .unwrap();
-
+/// Runs the vCPU until HLT (at most 32 exits, each KVM_RUN bounded by a 10 s watchdog), handing
+/// every exit to pagenc first, and returns what happened.
+fn drive(vm: &mut TinyVm, tracker: &Tracker) -> Vec<Event> {
     let mut events = Vec::new();
     let watchdog = Watchdog::new(10);
     for _ in 0..32 {
@@ -130,7 +105,7 @@ fn guest_writes_and_reads_migration_control() {
             ),
             Err(e) => panic!("KVM_RUN: {e}; events so far: {events:?}"),
         }
-        let out = handle_exit(&tracker, vm.run.run()).unwrap();
+        let out = handle_exit(tracker, vm.run.run()).unwrap();
         let event = match out {
             ExitOutcome::NotHandled {
                 exit_reason: KVM_EXIT_IO,
@@ -159,6 +134,38 @@ fn guest_writes_and_reads_migration_control() {
         }
     }
     drop(watchdog);
+    events
+}
+
+#[test]
+fn guest_writes_and_reads_migration_control() {
+    let Some(kvm) = open_kvm("guest_writes_and_reads_migration_control") else {
+        return;
+    };
+    let mut vm = TinyVm::new(kvm.as_fd(), RAM);
+    // The set-up a VMM without an MSR filter of its own does.
+    enable_exit_hypercall(vm.vm.as_fd(), 0).unwrap();
+    enable_user_space_msr(vm.vm.as_fd(), 0).unwrap();
+    set_migration_control_filter(vm.vm.as_fd()).unwrap();
+    load_guest(vm.ram.bytes());
+    vm.set_real_mode(CODE as u64);
+
+    let tracker = Tracker::new(
+        Layout::new(&[RamRange {
+            gpa: 0,
+            size: RAM as u64,
+        }])
+        .unwrap(),
+    );
+    let readiness = Arc::new(Mutex::new(Vec::new()));
+    let r = readiness.clone();
+    tracker
+        .set_readiness_callback(Some(Box::new(move |ready, v| {
+            r.lock().unwrap().push((ready, v))
+        })))
+        .unwrap();
+
+    let events = drive(&mut vm, &tracker);
 
     use Event::*;
     assert_eq!(
@@ -207,4 +214,74 @@ fn a_guest_that_never_exits_is_bounded() {
     let took = start.elapsed();
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
     assert_eq!(vm.regs().rip, CODE as u64, "still spinning on the jmp");
+}
+
+/// 64-bit guest code at 0x1000 (assembled with `as --64`).
+const GUEST64: &[u8] = &[
+    0xb9, 0x08, 0x4d, 0x56, 0x4b, //             00: mov $0x4b564d08, %ecx
+    0xb8, 0x01, 0x00, 0x00, 0x00, //             05: mov $1, %eax
+    0x31, 0xd2, //                               0a: xor %edx, %edx
+    0x0f, 0x30, //                               0c: wrmsr              -> WRMSR READY
+    0x31, 0xc0, //                               0e: xor %eax, %eax
+    0x48, 0xc7, 0xc2, 0xff, 0xff, 0xff,
+    0xff, // 10: mov $-1, %rdx      (rdmsr must clear it all)
+    0x0f, 0x32, //                               17: rdmsr              -> RDMSR
+    0xe7, 0x10, //                               19: out %eax, $0x10
+    0x89, 0xd0, //                               1b: mov %edx, %eax
+    0xe7, 0x14, //                               1d: out %eax, $0x14
+    0x48, 0xc1, 0xea, 0x20, //                   1f: shr $32, %rdx
+    0x89, 0xd0, //                               23: mov %edx, %eax
+    0xe7, 0x18, //                               25: out %eax, $0x18    bits 63:32 of RDX
+    0x31, 0xc0, //                               27: xor %eax, %eax
+    0x31, 0xd2, //                               29: xor %edx, %edx
+    0x0f, 0x30, //                               2b: wrmsr              -> WRMSR 0
+    0xf4, //                                     2d: hlt
+];
+
+/// Identity-maps the 64 KiB of RAM with 4 KiB pages: PML4 at 0x9000, PDPT 0xa000, PD 0xb000,
+/// PT 0xc000. Returns the PML4 address.
+fn identity_map(ram: &mut [u8]) -> u64 {
+    const P_RW: u64 = 0x3;
+    let mut put = |at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put(0x9000, 0xa000 | P_RW);
+    put(0xa000, 0xb000 | P_RW);
+    put(0xb000, 0xc000 | P_RW);
+    for page in 0..(RAM / 4096) {
+        put(0xc000 + 8 * page, (page as u64 * 4096) | P_RW);
+    }
+    0x9000
+}
+
+#[test]
+fn long_mode_guest_writes_and_reads_migration_control() {
+    let Some(kvm) = open_kvm("long_mode_guest_writes_and_reads_migration_control") else {
+        return;
+    };
+    let mut vm = TinyVm::new(kvm.as_fd(), RAM);
+    enable_user_space_msr(vm.vm.as_fd(), 0).unwrap();
+    set_migration_control_filter(vm.vm.as_fd()).unwrap();
+    vm.ram.bytes()[CODE..CODE + GUEST64.len()].copy_from_slice(GUEST64);
+    let pml4 = identity_map(vm.ram.bytes());
+    vm.set_long_mode(CODE as u64, pml4);
+    let tracker = Tracker::new(
+        Layout::new(&[RamRange {
+            gpa: 0,
+            size: RAM as u64,
+        }])
+        .unwrap(),
+    );
+    use Event::*;
+    assert_eq!(
+        drive(&mut vm, &tracker),
+        vec![
+            Pagenc(ExitOutcome::MsrWrite { accepted: true }, true),
+            Pagenc(ExitOutcome::MsrRead { value: 1 }, true),
+            Out(0x10, 1),
+            Out(0x14, 0),
+            Out(0x18, 0),
+            Pagenc(ExitOutcome::MsrWrite { accepted: true }, false),
+            Hlt,
+        ]
+    );
+    assert_eq!(vm.regs().rip, (CODE + GUEST64.len()) as u64);
 }

@@ -223,6 +223,53 @@ impl TinyVm {
         unsafe { ioctls::kvm_set_regs(self.vcpu.as_raw_fd(), &regs) }.expect("KVM_SET_REGS");
     }
 
+    /// 64-bit mode at `ip` with paging rooted at `pml4` (the caller writes the page tables),
+    /// flat code and data segments: CR0.PE|PG, CR4.PAE, EFER.LME|LMA, CS.L.
+    pub fn set_long_mode(&self, ip: u64, pml4: u64) {
+        let mut sregs = kvm_sregs::default();
+        // SAFETY: `sregs` is a live kvm_sregs the kernel fills.
+        unsafe { ioctls::kvm_get_sregs(self.vcpu.as_raw_fd(), &mut sregs) }.expect("KVM_GET_SREGS");
+        let code = kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x8,
+            type_: 11,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_bindings::kvm_segment {
+            selector: 0x10,
+            type_: 3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.cr3 = pml4;
+        sregs.cr4 |= 1 << 5; // PAE
+        sregs.cr0 |= (1 << 0) | (1 << 4) | (1 << 31); // PE, ET, PG
+        sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
+                                            // SAFETY: `sregs` is a live kvm_sregs the kernel reads.
+        unsafe { ioctls::kvm_set_sregs(self.vcpu.as_raw_fd(), &sregs) }.expect("KVM_SET_SREGS");
+        let regs = kvm_regs {
+            rip: ip,
+            rflags: 2,
+            ..Default::default()
+        };
+        // SAFETY: `regs` is a live kvm_regs the kernel reads.
+        unsafe { ioctls::kvm_set_regs(self.vcpu.as_raw_fd(), &regs) }.expect("KVM_SET_REGS");
+    }
+
     pub fn regs(&self) -> kvm_regs {
         let mut regs = kvm_regs::default();
         // SAFETY: `regs` is a live kvm_regs the kernel fills.
