@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Builds a small x86_64-softmmu QEMU 10.0.13 with pagenc linked in.
+#
+#   scripts/build-qemu.sh            fetch, patch, build pagenc + QEMU (cached)
+#   scripts/build-qemu.sh --no-deps  skip scripts/install-deps.sh
+#
+# Source: Debian's `qemu` source package, pinned to $QEMU_DEB_VERSION (trixie),
+# fetched with a private apt configuration under build/apt (the system apt
+# configuration is not touched). Only the upstream orig tarball is unpacked
+# (tar); Debian's own debian/patches are NOT applied: the tree is upstream
+# QEMU 10.0.13 as Debian ships it (+ds = firmware blobs removed).
+#
+# The source becomes a git repository, build/qemu-src:
+#   tag pagenc-pristine    the unpacked tarball
+#   tag pagenc-workaround  build-environment workaround (not part of the series):
+#                          no EDK2 unpacking (blobs absent) + a q35-only devices file
+#   HEAD                   + qemu-patches/*.patch applied with `git am` (no 3-way)
+# The series is applied in a side worktree (build/qemu-am) and the main tree is
+# then moved with `git reset --hard`, so only files whose content changed get
+# touched and ninja rebuilds little. An unchanged series is skipped.
+#
+# pagenc is built with cargo and installed with meson (install mode of
+# /work/main/meson.build) into build/pagenc-prefix; QEMU finds it through
+# pkg-config (PKG_CONFIG_PATH).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+B=$ROOT/build
+QEMU_DEB_VERSION=1:10.0.13+ds-0+deb13u1
+QEMU_UPSTREAM=10.0.13
+SRC=$B/qemu-src
+AMTREE=$B/qemu-am
+BLD=$B/qemu-build
+PREFIX=$B/pagenc-prefix
+PATCHES=$ROOT/qemu-patches
+DEVICES=pagenc-q35
+export PATH="$HOME/.cargo/bin:$PATH"
+
+T0=$(date +%s.%N)
+STAGE_T=$T0
+stage_end() {
+    local now
+    now=$(date +%s.%N)
+    printf '[build-qemu] %-10s done in %ss\n' "$1" "$(awk "BEGIN{printf \"%.1f\", $now - $STAGE_T}")"
+    STAGE_T=$now
+}
+say() { printf '[build-qemu] %s\n' "$*"; }
+die() { printf '[build-qemu] ERROR: %s\n' "$*" >&2; exit 1; }
+
+mkdir -p "$B"
+
+# --------------------------------------------------------------------------
+say "deps: scripts/install-deps.sh"
+if [ "${1:-}" != --no-deps ]; then
+    bash "$ROOT/scripts/install-deps.sh"
+fi
+stage_end deps
+
+# --------------------------------------------------------------------------
+say "fetch: Debian source package qemu=$QEMU_DEB_VERSION"
+DL=$B/src-dl
+ORIG=$DL/qemu_${QEMU_UPSTREAM}+ds.orig.tar.xz
+DSC=$DL/qemu_${QEMU_DEB_VERSION#1:}.dsc
+if [ -f "$ORIG" ] && [ -f "$DSC" ]; then
+    say "fetch: cached in build/src-dl"
+else
+    A=$B/apt
+    mkdir -p "$A/etc" "$A/lists/partial" "$A/cache/archives/partial" "$DL"
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+        > "$A/etc/sources.list"
+    touch "$A/status"
+    APTOPTS=(-o "Dir::Etc::SourceList=$A/etc/sources.list"
+             -o "Dir::Etc::SourceParts=$A/etc/none"
+             -o "Dir::State::Lists=$A/lists"
+             -o "Dir::State::status=$A/status"
+             -o "Dir::Cache=$A/cache"
+             -o "APT::Sandbox::User=root")
+    apt-get "${APTOPTS[@]}" -qq update
+    (cd "$DL" && apt-get "${APTOPTS[@]}" -qq source --download-only "qemu=$QEMU_DEB_VERSION")
+    [ -f "$ORIG" ] || die "apt-get source did not produce $ORIG"
+fi
+stage_end fetch
+
+# --------------------------------------------------------------------------
+say "unpack: pristine git tree build/qemu-src"
+git_q() { git -C "$SRC" -c user.name="pagenc build" -c user.email="build@pagenc.invalid" "$@"; }
+if git -C "$SRC" rev-parse -q --verify pagenc-workaround >/dev/null 2>&1; then
+    say "unpack: cached (tags pagenc-pristine, pagenc-workaround)"
+else
+    rm -rf "$SRC" "$AMTREE" "$B/qemu-unpack"
+    mkdir -p "$B/qemu-unpack"
+    tar -C "$B/qemu-unpack" --no-same-owner -xf "$ORIG"
+    mv "$B/qemu-unpack/qemu-$QEMU_UPSTREAM" "$SRC"
+    rmdir "$B/qemu-unpack"
+    git -C "$SRC" init -q -b pagenc
+    git_q config core.autocrlf false
+    git_q config gc.auto 0
+    git_q add -A -f .
+    git_q commit -q -m "QEMU $QEMU_UPSTREAM from Debian qemu $QEMU_DEB_VERSION (orig tarball)"
+    git_q tag pagenc-pristine
+
+    # Build-environment workaround: NOT part of qemu-patches/.
+    # 1. The +ds tarball has no EDK2 blobs; meson would unpack them whenever
+    #    bzip2 exists, whatever --disable-install-blobs says.
+    sed -i '2s/^if unpack_edk2_blobs$/if false # pagenc build: EDK2 blobs absent from +ds tarball/' \
+        "$SRC/pc-bios/meson.build"
+    grep -q '^if false # pagenc build' "$SRC/pc-bios/meson.build" || die "pc-bios/meson.build edit failed"
+    # 2. 10.x boards are off with --without-default-devices: a q35-only set.
+    cat > "$SRC/configs/devices/x86_64-softmmu/$DEVICES.mak" <<'EOF'
+# pagenc build: the smallest x86_64 machine set for the tests (q35 only).
+CONFIG_Q35=y
+CONFIG_ISA_DEBUG=y
+EOF
+    git_q add pc-bios/meson.build "configs/devices/x86_64-softmmu/$DEVICES.mak"
+    git_q commit -q -m "pagenc build environment: no EDK2 unpacking, q35 devices file
+
+Not part of qemu-patches/: the Debian +ds tarball has no firmware blobs."
+    git_q tag pagenc-workaround
+fi
+stage_end unpack
+
+# --------------------------------------------------------------------------
+say "patch: qemu-patches/*.patch with git am"
+shopt -s nullglob
+series=("$PATCHES"/*.patch)
+shopt -u nullglob
+series_sum=$( (echo "$QEMU_DEB_VERSION"; git_q rev-parse pagenc-workaround
+               if [ ${#series[@]} -gt 0 ]; then cat "${series[@]}"; fi) | sha256sum | cut -d' ' -f1)
+stamp=$SRC/.git/pagenc-series.sha256
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$series_sum" ] && git_q diff --quiet HEAD; then
+    say "patch: series unchanged (${#series[@]} patches), skipped"
+else
+    if [ ! -d "$AMTREE" ]; then
+        git_q worktree prune
+        git_q worktree add -q --detach "$AMTREE" pagenc-workaround
+    fi
+    gam() { git -C "$AMTREE" -c user.name="pagenc build" -c user.email="build@pagenc.invalid" "$@"; }
+    gam am --abort >/dev/null 2>&1 || true
+    gam reset -q --hard pagenc-workaround
+    if [ ${#series[@]} -gt 0 ]; then
+        gam am -q --no-3way --committer-date-is-author-date "${series[@]}" ||
+            die "git am failed on the series (tree left in $AMTREE)"
+    fi
+    new=$(gam rev-parse HEAD)
+    # Move the main tree: only files that differ get rewritten.
+    git_q reset -q --hard "$new"
+    echo "$series_sum" > "$stamp"
+    say "patch: applied ${#series[@]} patches -> $(git_q log --oneline -1)"
+fi
+stage_end patch
+
+# --------------------------------------------------------------------------
+say "pagenc: cargo build --release + meson install into build/pagenc-prefix"
+(cd "$ROOT" && cargo build --release --lib -q)
+LIBA=$ROOT/target/release/libpagenc.a
+[ -f "$LIBA" ] || die "cargo did not produce $LIBA"
+NATIVE_CACHE=$B/pagenc-native-libs
+if [ ! -f "$NATIVE_CACHE" ] || [ "$LIBA" -nt "$NATIVE_CACHE" -a "$ROOT/Cargo.toml" -nt "$NATIVE_CACHE" ]; then
+    # The link flags the Rust staticlib needs; they go into pagenc.pc (Libs.private).
+    (cd "$ROOT" && cargo rustc -q --release --lib -- --print native-static-libs 2>&1) |
+        sed -n 's/.*native-static-libs: //p' | tail -1 > "$NATIVE_CACHE.tmp"
+    if [ -s "$NATIVE_CACHE.tmp" ]; then mv "$NATIVE_CACHE.tmp" "$NATIVE_CACHE"
+    else rm -f "$NATIVE_CACHE.tmp"; echo "-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc" > "$NATIVE_CACHE"; fi
+fi
+NATIVE=$(cat "$NATIVE_CACHE")
+[ -f "$ROOT/include/pagenc.h" ] || die "include/pagenc.h is missing (generated by cbindgen, committed in include/)"
+MB=$B/pagenc-meson
+if [ ! -f "$MB/build.ninja" ]; then
+    meson setup -q "$MB" "$ROOT" --prefix="$PREFIX" --libdir=lib \
+        -Dnative_static_libs="$NATIVE" >/dev/null
+else
+    meson configure "$MB" -Dnative_static_libs="$NATIVE" >/dev/null
+fi
+meson install -q -C "$MB" --only-changed >/dev/null
+PC=$PREFIX/lib/pkgconfig
+export PKG_CONFIG_PATH=$PC${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+pkg-config --exists pagenc || die "pkg-config cannot find pagenc in $PC"
+say "pagenc: $(pkg-config --modversion pagenc), static libs: $(pkg-config --static --libs pagenc)"
+# QEMU's link step does not depend on the .a; relink when it changed.
+lib_sum=$(sha256sum "$PREFIX/lib/libpagenc.a" "$PREFIX/include/pagenc.h" | sha256sum | cut -d' ' -f1)
+if [ -f "$B/pagenc-lib.sha256" ] && [ "$(cat "$B/pagenc-lib.sha256")" != "$lib_sum" ]; then
+    say "pagenc: library changed, QEMU will relink"
+    rm -f "$BLD/qemu-system-x86_64"
+fi
+echo "$lib_sum" > "$B/pagenc-lib.sha256"
+stage_end pagenc
+
+# --------------------------------------------------------------------------
+say "configure: build/qemu-build"
+PAGENC_OPT=""
+if git_q grep -q "option('pagenc'" HEAD -- meson_options.txt 2>/dev/null; then
+    PAGENC_OPT=--enable-pagenc
+fi
+CONF=(--target-list=x86_64-softmmu --without-default-devices "--with-devices-x86_64=$DEVICES"
+      --disable-docs --disable-install-blobs --disable-download
+      --disable-tools --disable-guest-agent --python="$(command -v python3)" $PAGENC_OPT)
+conf_sum=$(echo "${CONF[*]} $PKG_CONFIG_PATH" | sha256sum | cut -d' ' -f1)
+if [ -f "$BLD/build.ninja" ] && [ "$(cat "$BLD/.pagenc-configure" 2>/dev/null)" = "$conf_sum" ]; then
+    say "configure: unchanged, skipped (ninja re-runs meson when meson files change)"
+else
+    rm -rf "$BLD"
+    mkdir -p "$BLD"
+    say "configure: ${CONF[*]}"
+    (cd "$BLD" && "$SRC/configure" "${CONF[@]}" > configure.log 2>&1) ||
+        { tail -30 "$BLD/configure.log"; die "configure failed (build/qemu-build/configure.log)"; }
+    echo "$conf_sum" > "$BLD/.pagenc-configure"
+fi
+stage_end configure
+
+# --------------------------------------------------------------------------
+say "build: ninja -j${JOBS:-2} qemu-system-x86_64"
+ninja -C "$BLD" -j"${JOBS:-2}" qemu-system-x86_64 > "$BLD/ninja.log" 2>&1 ||
+    { grep -B2 -A12 -m3 'error' "$BLD/ninja.log" || tail -40 "$BLD/ninja.log"; die "ninja failed (build/qemu-build/ninja.log)"; }
+grep -m1 -o '\[[0-9]*/[0-9]*\]' <(tac "$BLD/ninja.log") >/dev/null && say "build: $(grep -c '^\[' "$BLD/ninja.log") steps"
+"$BLD/qemu-system-x86_64" --version | head -1 | sed 's/^/[build-qemu] /'
+stage_end build
+
+printf '[build-qemu] all done in %ss: %s\n' "$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $T0}")" "$BLD/qemu-system-x86_64"
