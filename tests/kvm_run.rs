@@ -21,7 +21,7 @@ use pagenc::kvm::consts::{
     KVM_EXIT_HYPERCALL, KVM_EXIT_HYPERCALL_LONG_MODE, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
     KVM_HC_MAP_GPA_RANGE, KVM_MSR_EXIT_REASON_FILTER, MSR_KVM_MIGRATION_CONTROL,
 };
-use pagenc::kvm::run::{handle_exit, ExitError, ExitOutcome};
+use pagenc::kvm::run::{handle_exit, handle_exit_detailed, ExitError, ExitOutcome};
 use pagenc::tracker::TrackerError;
 use pagenc::{Layout, PageRange, PageState, RamRange, RejectReason, Tracker};
 
@@ -627,4 +627,50 @@ fn buffers_of_the_size_kvm_reports() {
     // ...and a real vCPU's kvm_run mapping (never run here: written by hand as KVM would).
     let mut vm = TinyVm::new(kvm.as_fd(), 0x10000);
     exercise(&mut vm.run);
+}
+
+#[test]
+fn the_detailed_handler_says_why() {
+    let t = tracker();
+    let mut m = buffer(0);
+    fill_hypercall(m.run(), NR, [0x5000, 1, 1 << 40], 1);
+    let (out, why) = handle_exit_detailed(&t, m.run()).unwrap();
+    assert_eq!(out, rejected(EINVAL));
+    let why = why.unwrap();
+    assert_eq!(why.reason, RejectReason::ReservedAttrs);
+    assert_eq!(why.args, [0x5000, 1, 1 << 40]);
+    assert!(why.to_string().contains("0x10000000000"), "{why}");
+    // A 32-bit guest's call is reported with the 32-bit values it made.
+    fill_hypercall(m.run(), 0x1_0000_0001, [0x1_0000_5000, 1, 0], 0);
+    let (out, why) = handle_exit_detailed(&t, m.run()).unwrap();
+    assert_eq!(out, rejected(ENOSYS));
+    let why = why.unwrap();
+    assert_eq!((why.reason, why.nr), (RejectReason::UnknownHypercall, 1));
+    assert_eq!(why.args[0], 0x5000);
+    // Accepted calls and handled MSR accesses carry no detail; refused MSR writes do.
+    fill_hypercall(m.run(), NR, [0x5000, 1, 0], 1);
+    assert_eq!(
+        handle_exit_detailed(&t, m.run()).unwrap(),
+        (accepted(), None)
+    );
+    fill_msr(
+        m.run(),
+        KVM_EXIT_X86_WRMSR,
+        KVM_MSR_EXIT_REASON_FILTER,
+        MSR_KVM_MIGRATION_CONTROL,
+        4,
+    );
+    let (out, why) = handle_exit_detailed(&t, m.run()).unwrap();
+    assert_eq!(out, ExitOutcome::MsrWrite { accepted: false });
+    assert_eq!(why.unwrap().reason, RejectReason::ReservedMsrBits);
+    m.run().exit_reason = KVM_EXIT_HLT;
+    assert_eq!(
+        handle_exit_detailed(&t, m.run()).unwrap(),
+        (
+            ExitOutcome::NotHandled {
+                exit_reason: KVM_EXIT_HLT
+            },
+            None
+        )
+    );
 }

@@ -219,3 +219,28 @@ fn enable_cap_on_the_system_fd_is_refused_by_the_kernel() {
     let err = enable_exit_hypercall(kvm.as_fd(), 0).unwrap_err();
     assert!(err.errno().is_some(), "{err}");
 }
+
+#[test]
+fn refusals_say_what_and_which_value() {
+    // A kernel without MAP_GPA_RANGE exits (before 5.14) reports mask 0.
+    let e = VmError::MapGpaRangeUnsupported { supported: 0 };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("KVM_HC_MAP_GPA_RANGE") && msg.contains("0x1000"),
+        "{msg}"
+    );
+    assert_eq!(e.errno(), None);
+    let e = VmError::UnsupportedHypercallBits {
+        existing: 0x1003,
+        supported: 0x1000,
+    };
+    assert!(e.to_string().contains("bits 0x3"), "{e}");
+    let e = VmError::Ioctl {
+        op: "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)",
+        value: 0x1001,
+        errno: Errno::EINVAL,
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("0x1001") && msg.contains("(22)"), "{msg}");
+    assert_eq!(e.errno(), Some(Errno::EINVAL));
+}

@@ -4,7 +4,7 @@ pub mod consts;
 pub mod run;
 pub mod vm;
 
-pub use run::{handle_exit, ExitError, ExitOutcome};
+pub use run::{handle_exit, handle_exit_detailed, ExitError, ExitOutcome};
 pub use vm::{
     cpuid_feature_bits, enable_exit_hypercall, enable_user_space_msr, set_migration_control_filter,
     supported_exit_hypercall_mask, VmError,

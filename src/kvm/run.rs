@@ -25,6 +25,7 @@ use std::fmt;
 
 use kvm_bindings::kvm_run;
 
+use crate::hypercall::HypercallError;
 use crate::kvm::consts::{
     KVM_EINVAL, KVM_EXIT_HYPERCALL, KVM_EXIT_HYPERCALL_LONG_MODE, KVM_EXIT_X86_RDMSR,
     KVM_EXIT_X86_WRMSR, KVM_MSR_EXIT_REASON_FILTER, MSR_KVM_MIGRATION_CONTROL,
@@ -113,15 +114,28 @@ fn internal_error_ret() -> u64 {
 /// for what is handled and what is written). Call it after every `KVM_RUN` that returned 0, and
 /// handle the exit yourself when it returns [`ExitOutcome::NotHandled`].
 pub fn handle_exit(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome, ExitError> {
+    handle_exit_detailed(tracker, run).map(|(outcome, _)| outcome)
+}
+
+/// [`handle_exit`], also returning why the guest's call or MSR write was refused (what was
+/// wrong, with which value) when the outcome is a rejection (`Hypercall { rejected: true }` or
+/// `MsrWrite { accepted: false }`); `None` otherwise. For a VMM (or the C layer) that reports
+/// the refusal; the guest has been answered either way.
+pub fn handle_exit_detailed(
+    tracker: &Tracker,
+    run: &mut kvm_run,
+) -> Result<(ExitOutcome, Option<HypercallError>), ExitError> {
     let exit_reason = run.exit_reason;
     match exit_reason {
         KVM_EXIT_HYPERCALL => handle_hypercall(tracker, run),
         KVM_EXIT_X86_RDMSR | KVM_EXIT_X86_WRMSR => handle_msr(tracker, run),
-        _ => Ok(ExitOutcome::NotHandled { exit_reason }),
+        _ => Ok((ExitOutcome::NotHandled { exit_reason }, None)),
     }
 }
 
-fn handle_hypercall(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome, ExitError> {
+type Handled = Result<(ExitOutcome, Option<HypercallError>), ExitError>;
+
+fn handle_hypercall(tracker: &Tracker, run: &mut kvm_run) -> Handled {
     // SAFETY: exit_reason told us which member the kernel filled: KVM_EXIT_HYPERCALL means
     // `hypercall`. Every bit pattern is a valid value of it (integers and an integer union).
     let hc = unsafe { &mut run.__bindgen_anon_1.hypercall };
@@ -143,19 +157,25 @@ fn handle_hypercall(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome,
     let (ret, result) = match tracker.handle_hypercall(nr, args) {
         Ok(_) => (
             0,
-            Ok(ExitOutcome::Hypercall {
-                ret: 0,
-                rejected: false,
-            }),
+            Ok((
+                ExitOutcome::Hypercall {
+                    ret: 0,
+                    rejected: false,
+                },
+                None,
+            )),
         ),
         Err(TrackerError::Guest(e)) => {
             let ret = e.kvm_ret();
             (
                 ret,
-                Ok(ExitOutcome::Hypercall {
-                    ret,
-                    rejected: true,
-                }),
+                Ok((
+                    ExitOutcome::Hypercall {
+                        ret,
+                        rejected: true,
+                    },
+                    Some(e),
+                )),
             )
         }
         Err(error) => (
@@ -170,7 +190,7 @@ fn handle_hypercall(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome,
     result
 }
 
-fn handle_msr(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome, ExitError> {
+fn handle_msr(tracker: &Tracker, run: &mut kvm_run) -> Handled {
     let exit_reason = run.exit_reason;
     // SAFETY: exit_reason told us which member the kernel filled: KVM_EXIT_X86_RDMSR and
     // KVM_EXIT_X86_WRMSR both mean `msr`. Every bit pattern is a valid value of it (integers).
@@ -178,7 +198,7 @@ fn handle_msr(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome, ExitE
     if msr.reason != KVM_MSR_EXIT_REASON_FILTER || msr.index != MSR_KVM_MIGRATION_CONTROL {
         // Not an exit pagenc's filter made: the VMM's own MSR handling (e.g. an unknown MSR it
         // emulates) owns it.
-        return Ok(ExitOutcome::NotHandled { exit_reason });
+        return Ok((ExitOutcome::NotHandled { exit_reason }, None));
     }
     let fail = |error| ExitError { exit_reason, error };
     if exit_reason == KVM_EXIT_X86_RDMSR {
@@ -186,9 +206,11 @@ fn handle_msr(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome, ExitE
             Ok(value) => {
                 msr.data = value;
                 msr.error = 0;
-                Ok(ExitOutcome::MsrRead { value })
+                Ok((ExitOutcome::MsrRead { value }, None))
             }
-            Err(TrackerError::NotOurMsr { .. }) => Ok(ExitOutcome::NotHandled { exit_reason }),
+            Err(TrackerError::NotOurMsr { .. }) => {
+                Ok((ExitOutcome::NotHandled { exit_reason }, None))
+            }
             Err(error) => {
                 msr.error = MSR_ERROR_GP;
                 Err(fail(error))
@@ -198,13 +220,15 @@ fn handle_msr(tracker: &Tracker, run: &mut kvm_run) -> Result<ExitOutcome, ExitE
         match tracker.wrmsr(msr.index, msr.data) {
             Ok(()) => {
                 msr.error = 0;
-                Ok(ExitOutcome::MsrWrite { accepted: true })
+                Ok((ExitOutcome::MsrWrite { accepted: true }, None))
             }
-            Err(TrackerError::Guest(_)) => {
+            Err(TrackerError::Guest(e)) => {
                 msr.error = MSR_ERROR_GP;
-                Ok(ExitOutcome::MsrWrite { accepted: false })
+                Ok((ExitOutcome::MsrWrite { accepted: false }, Some(e)))
             }
-            Err(TrackerError::NotOurMsr { .. }) => Ok(ExitOutcome::NotHandled { exit_reason }),
+            Err(TrackerError::NotOurMsr { .. }) => {
+                Ok((ExitOutcome::NotHandled { exit_reason }, None))
+            }
             Err(error) => {
                 msr.error = MSR_ERROR_GP;
                 Err(fail(error))
