@@ -206,7 +206,7 @@ mod tests {
     fn groups_cover_only_costly_chunks() {
         let layout = crate::core::Layout::new(&[crate::core::RamRange {
             gpa: 0,
-            size: 4 * CHUNK_PAGES << 12,
+            size: (4 * CHUNK_PAGES) << 12,
         }])
         .unwrap();
         let mut b = crate::core::PageMapBuilder::new(layout);
