@@ -80,6 +80,18 @@ _start:
     movl $msg_nl, %esi
     call puts
 
+    /* SeaBIOS leaves kvmclock enabled with its pvclock page at 0xe8xxx, and
+     * KVM keeps rewriting that page (version, tsc, time) on every clock
+     * update: host-written guest memory that changes whenever the VM stops or
+     * starts, so a source/destination memory checksum would differ by it.
+     * Switch it off like any OS that does not use kvmclock. */
+    movl $0x4b564d01, %ecx        /* MSR_KVM_SYSTEM_TIME_NEW */
+    xorl %eax, %eax
+    call safe_wrmsr
+    movl $0x12, %ecx              /* MSR_KVM_SYSTEM_TIME */
+    xorl %eax, %eax
+    call safe_wrmsr
+
     cmpl $0, opt_ready
     je 3f
     movl $1, %eax
@@ -166,6 +178,18 @@ write_migration_control:
     movl $msg_nl, %esi
     call puts
     popal
+    ret
+
+/* ecx = MSR, eax = low 32 bits (high 32 = 0). Returns eax = 1 if it #GP'd. */
+safe_wrmsr:
+    pushl %edx
+    movl $0, msr_faulted
+    movl $1, msr_armed
+    xorl %edx, %edx
+    wrmsr
+    movl $0, msr_armed
+    movl msr_faulted, %eax
+    popl %edx
     ret
 
 /* One command byte from COM1, if one is waiting. */
