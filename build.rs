@@ -19,4 +19,30 @@ fn main() {
         .expect("bindgen could not read the kernel's KVM uapi headers (apt-get install linux-libc-dev libclang-dev)")
         .write_to_file(out.join("kvm_consts.rs"))
         .expect("writing kvm_consts.rs into OUT_DIR");
+
+    pagenc_h_bindings(&out);
+}
+
+/// The ABI test (src/ffi/abi_check.rs) compares the committed C header's layouts and values with
+/// the Rust definitions: bindgen reads include/pagenc.h as a C compiler would. Without the header
+/// (a tree where it was deleted) the test fails and says so, the library still builds.
+fn pagenc_h_bindings(out: &std::path::Path) {
+    println!("cargo:rerun-if-changed=include/pagenc.h");
+    println!("cargo::rustc-check-cfg=cfg(pagenc_header)");
+    let header = "include/pagenc.h";
+    if !std::path::Path::new(header).exists() {
+        return;
+    }
+    bindgen::Builder::default()
+        .header(header)
+        .allowlist_type("pagenc_.*")
+        .allowlist_var("PAGENC_.*")
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
+        .layout_tests(false)
+        .generate()
+        .expect("bindgen could not read include/pagenc.h")
+        .write_to_file(out.join("pagenc_h.rs"))
+        .expect("writing pagenc_h.rs into OUT_DIR");
+    println!("cargo:rustc-cfg=pagenc_header");
 }
