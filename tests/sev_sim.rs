@@ -568,6 +568,8 @@ struct Sender<'v> {
     snapshot: Vec<PageRange>,
     /// One cursor for the whole migration.
     cursor: CursorState,
+    /// The slot the next round starts from.
+    resume_at: usize,
     iv: u64,
     report: Report,
 }
@@ -580,6 +582,7 @@ fn send_round(tx: &mut Sender<'_>, slots: &[usize], round: usize, hooks: &mut Ho
         opts,
         snapshot,
         cursor,
+        resume_at,
         iv,
         report,
     } = tx;
@@ -588,13 +591,23 @@ fn send_round(tx: &mut Sender<'_>, slots: &[usize], round: usize, hooks: &mut Ho
         start: 0,
         end: RAM[RAM.len() - 1].1,
     };
+    // Like QEMU's RAM loop, a round goes on from where the previous one stopped and wraps
+    // around, so a long-lived cursor meets pages of its cached run again in the next round.
+    let split = slots.partition_point(|&s| s < *resume_at);
+    let order = slots[split..].iter().chain(&slots[..split]);
     let mut runs = src.tracker.runs(span, false);
     let mut run: Option<pagenc::Run> = None;
-    for &slot in slots {
+    for &slot in order {
         let gfn = gfn_of(slot);
+        *resume_at = slot + 1;
         let state = match opts.classify {
             Classify::Cursor => cursor.query(&src.tracker, gfn).unwrap().state,
             Classify::Runs => {
+                if run.is_some_and(|r| gfn < r.range.start) {
+                    // Wrapped around: a new pass of the iterator.
+                    runs = src.tracker.runs(span, false);
+                    run = None;
+                }
                 while !run.is_some_and(|r| r.range.contains(gfn)) {
                     run = Some(runs.next().expect("runs cover RAM").unwrap());
                 }
@@ -651,6 +664,7 @@ fn migrate(src: &Vm, dst: &Vm, guest: &mut Guest, opts: Opts, mut hooks: Hooks<'
         opts,
         snapshot: src.tracker.shared_ranges().unwrap(),
         cursor: CursorState::new(),
+        resume_at: 0,
         iv: 0,
         report: Report::default(),
     };
