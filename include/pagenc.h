@@ -654,7 +654,9 @@ enum pagenc_result pagenc_tracker_stats(const struct pagenc_tracker *t, struct p
 
  The callback runs on the thread that made the change, with the tracker's lock held, so
  callbacks come in the order of the changes, one at a time. It must return quickly and must
- not call any function on `t` (they fail with `PAGENC_RESULT_REENTRANT`). It may run on any
+ not call functions on `t`: those that change `t` or take its lock fail with
+ `PAGENC_RESULT_REENTRANT` instead of deadlocking (the lock-free `pagenc_is_ready` and
+ `pagenc_msr_read` answer, and cursors may answer from their cache). It may run on any
  thread that calls into `t`, until this function or `pagenc_tracker_free` replaces or drops
  it: `opaque` must stay valid and be safe to use from those threads. pagenc never reads
  `opaque`. Any thread.

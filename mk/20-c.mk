@@ -12,7 +12,7 @@ PAGENC_A := $(C_TARGET_DIR)/release/libpagenc.a
 C_TEST_SRCS := $(sort $(wildcard tests/c/test_*.c))
 C_TESTS := $(patsubst tests/c/%.c,%,$(C_TEST_SRCS))
 C_WARN := -std=c11 -Wall -Wextra -Werror
-C_CFLAGS := $(C_WARN) -g -O1 -D_GNU_SOURCE -Iinclude -Itests/c
+C_CFLAGS := $(C_WARN) -g -O1 -D_GNU_SOURCE -pthread -Iinclude -Itests/c
 C_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 VALGRIND := valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect,possible \
 	--error-exitcode=1
