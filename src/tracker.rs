@@ -182,11 +182,18 @@ impl Tracker {
 
     /// Runs `f` (which calls callbacks) with the re-entrance guard set.
     fn in_callbacks<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Clears the mark also when `f` unwinds (a panic caught at the C boundary), so that
+        /// the thread's later calls report the poisoned lock, not re-entrance.
+        struct Clear<'a>(&'a AtomicU64);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::Relaxed);
+            }
+        }
         self.callback_thread
             .store(thread_token(), Ordering::Relaxed);
-        let r = f();
-        self.callback_thread.store(0, Ordering::Relaxed);
-        r
+        let _clear = Clear(&self.callback_thread);
+        f()
     }
 
     /// Installs (or with `None` removes) the change callback.

@@ -644,3 +644,72 @@ pub unsafe extern "C" fn pagenc_tracker_set_readiness_callback(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::handle::try_ref;
+
+    fn q35() -> [pagenc_ram_range; 2] {
+        [
+            pagenc_ram_range {
+                gpa: 0,
+                size: 2 << 30,
+            },
+            pagenc_ram_range {
+                gpa: 4 << 30,
+                size: 2 << 30,
+            },
+        ]
+    }
+
+    /// A panic inside pagenc (here: a Rust change callback that panics while the tracker's lock
+    /// is held) must come back as PAGENC_RESULT_INTERNAL, the guest must still get an error in
+    /// hc_ret, and the tracker must refuse to go on rather than serve a half-updated map.
+    #[test]
+    fn a_panic_is_caught_and_poisons_the_tracker() {
+        let ram = q35();
+        let mut t: *mut pagenc_tracker = std::ptr::null_mut();
+        // SAFETY: `ram` holds 2 ranges; `t` is writable.
+        let rc = unsafe { pagenc_tracker_new(ram.as_ptr(), 2, &mut t) };
+        assert_eq!(rc, pagenc_result::Ok);
+        // SAFETY: `t` is the live tracker just made.
+        let h = unsafe { try_ref(t) }.expect("a tracker");
+        h.tracker
+            .set_change_callback(Some(Box::new(|_, _| panic!("deliberate test panic"))))
+            .expect("set callback");
+
+        let mut ret = 0;
+        // SAFETY: `t` is live, `ret` writable.
+        let rc = unsafe { pagenc_map_gpa_range(t, 0x1000, 1, 0, &mut ret) };
+        assert_eq!(rc, pagenc_result::Internal);
+        assert_eq!(ret, host_failure_ret());
+
+        // Every later call that needs the map fails instead of reading it, on this thread
+        // and on others.
+        let t_addr = t as usize;
+        let check = move || {
+            let t = t_addr as *mut pagenc_tracker;
+            let mut ret = 0;
+            // SAFETY: `t` is live until freed at the end of the test.
+            let rc = unsafe { pagenc_map_gpa_range(t, 0x2000, 1, 0, &mut ret) };
+            assert_eq!(rc, pagenc_result::Internal);
+            assert_eq!(ret, host_failure_ret());
+            let mut s = pagenc_stats::default();
+            // SAFETY: as above; `s` writable.
+            let rc = unsafe { pagenc_tracker_stats(t, &mut s) };
+            assert_eq!(rc, pagenc_result::Internal);
+            let mut msg = [0u8; 256];
+            // SAFETY: as above; `msg` holds 256 bytes.
+            let n = unsafe { crate::ffi::pagenc_last_error(t, msg.as_mut_ptr().cast(), 256) };
+            let msg = String::from_utf8_lossy(&msg[..n.min(255)]);
+            assert!(msg.contains("unusable"), "{msg}");
+        };
+        check();
+        std::thread::spawn(check)
+            .join()
+            .expect("the checking thread");
+        // SAFETY: `t` is live and not used again.
+        unsafe { pagenc_tracker_free(t) };
+    }
+}
