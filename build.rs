@@ -13,6 +13,11 @@ fn main() {
         // KVM_MAP_GPA_RANGE_ENCRYPTED is a function-like macro expansion and KVM_EINVAL expands
         // to EINVAL: let clang evaluate what cexpr alone cannot.
         .clang_macro_fallback()
+        // Its scratch files (.macro_eval.c, a .pch) go to the current directory by default,
+        // i.e. the source tree, shared by every concurrent build of this crate (several target
+        // dirs, the lib and test profiles): one build then reads another's half-written file and
+        // silently loses constants. Each build script run has its own OUT_DIR.
+        .clang_macro_fallback_build_dir(&out)
         .allowlist_var("KVM_HC_.*|KVM_E.*|KVM_FEATURE_.*|MSR_KVM_MIGRATION_CONTROL|KVM_MIGRATION_READY|KVM_MAP_GPA_RANGE_.*|KVM_CPUID_FEATURES")
         .default_macro_constant_type(bindgen::MacroTypeVariation::Unsigned)
         .generate()
