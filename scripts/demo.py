@@ -119,7 +119,8 @@ def demo(opts, work: Path, vms: list) -> bool:
     vms.append(src)
     src.launch()
     kvm = src.kvm_enabled()
-    say(f"QEMU      {QEMU_BIN} ({src.cmd('query-version')['package'] or 'v' + str(src.cmd('query-version')['qemu'])})")
+    v = src.cmd("query-version")["qemu"]
+    say(f"QEMU      {QEMU_BIN} (version {v['major']}.{v['minor']}.{v['micro']}, pagenc series)")
     say(f"accel     {'KVM (/dev/kvm works)' if kvm else 'TCG (/dev/kvm not usable here)'}")
     say(f"guest     guest/build/payload.elf, {opts.mem} MiB RAM, dirtying {opts.dirty_mb} MiB "
         f"from 16 MiB, -append '{append}'")

@@ -114,8 +114,10 @@ class PagencApi:
             ret = ret.get("ret", ret.get("return", 0))
         return int(ret)
 
-    def set_migration_control(self, value: int):
-        return self._cmd(self.SET_MC, value=value)
+    def set_migration_control(self, value: int) -> bool:
+        """Drives the KVM_EXIT_X86_WRMSR path; False where the guest would get #GP."""
+        ret = self._cmd(self.SET_MC, value=value)
+        return bool(ret.get("accepted", True)) if isinstance(ret, dict) else True
 
     # Field accessors, tolerant of the exact key spelling in the schema.
     @staticmethod
@@ -288,7 +290,7 @@ class Vm:
         try:
             return qmp.cmd(name, **args)
         except ExecuteError as e:
-            raise QmpError(name, args, e.error_class, e.error.desc) from None
+            raise QmpError(name, args, e.error_class, str(e)) from None
 
     def hmp(self, line: str) -> str:
         return self.cmd("human-monitor-command", **{"command-line": line})

@@ -1,0 +1,11 @@
+# End-to-end tests: real patched QEMUs (scripts/build-qemu.sh) running the guest payload,
+PYTHON ?= python3
+# driven over QMP with pytest + qemu.qmp (tests/e2e/). They skip when the QEMU binary is
+# missing unless PAGENC_REQUIRE_QEMU=1 (CI); here the binary is built first anyway.
+CHECK_TARGETS += check-e2e
+
+.PHONY: check-e2e
+check-e2e:
+	bash scripts/build-qemu.sh --no-deps
+	$(MAKE) -C guest --no-print-directory
+	$(PYTHON) -m pytest -q -ra tests/e2e $(E2E_ARGS)
