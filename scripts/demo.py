@@ -115,7 +115,11 @@ def demo(opts, work: Path, vms: list) -> bool:
     append = f"serial mb={opts.dirty_mb}"
 
     stage(1, "boot the source QEMU with -object pagenc,id=pe0")
-    src = Vm("source", work, pagenc=True, mem_mb=opts.mem, append=append)
+    # The source logs every page the RAM loop sends and every list change (QEMU trace,
+    # log backend) so stage 6 can show that pages converted mid-migration went out again.
+    trace = work / "source-trace.log"
+    src = Vm("source", work, pagenc=True, mem_mb=opts.mem, append=append,
+             extra_args=["-D", str(trace), *scenario.TRACE_ARGS])
     vms.append(src)
     src.launch()
     kvm = src.kvm_enabled()
@@ -219,6 +223,13 @@ def demo(opts, work: Path, vms: list) -> bool:
         only_s = sorted(set(sr) - set(dr))
         only_d = sorted(set(dr) - set(sr))
         say(f"  only on source: {fmt_ranges(only_s)}; only on destination: {fmt_ranges(only_d)}")
+    sent, changed, n_sent = scenario.read_trace(trace)
+    missing, wrong = scenario.resend_violations(sent, changed)
+    resend_ok = not missing and not wrong and n_sent == int(si["pages-sent-encrypted"]) + int(
+        si["pages-sent-shared"])
+    say(f"trace: {n_sent} page sends; {len(changed)} pages flipped during the migration, "
+        f"{len(changed) - len(missing)} of them sent again after their last flip, "
+        f"{len(wrong)} with a stale classification: {'OK' if resend_ok else 'WRONG'}")
     hs = src.memory_sha256(work / "source.ram")
     hd = dst.memory_sha256(work / "destination.ram")
     mem_ok = hs == hd
@@ -233,7 +244,7 @@ def demo(opts, work: Path, vms: list) -> bool:
     wait_until(lambda: dst.pass_count() >= p0 + 3, 60, "the payload to run on the destination")
     say(f"destination running: payload pass {p0:#x} -> {dst.pass_count():#x}; "
         f"ready={PagencApi.ready(dst.pagenc_api.query())}")
-    return lists_ok and mem_ok
+    return lists_ok and mem_ok and resend_ok
 
 
 def pagenc_sent(info: dict) -> str:

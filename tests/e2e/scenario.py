@@ -16,12 +16,14 @@ Everything waits with a timeout.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import sev_sequence as seq
-from pagenc_vm import MiB, HarnessError, PagencApi, Vm, wait_until
+from pagenc_vm import PAGE, MiB, HarnessError, PagencApi, Vm, wait_until
 
 
 def boot_list(vm: Vm, made: list, *, ready_via_guest: Optional[bool] = None,
@@ -184,3 +186,43 @@ class LiveMigration:
     @property
     def during(self) -> list:
         return self.conv.during if self.conv else []
+
+
+# Trace events the source logs with `-D file -trace pagenc_ram_page -trace pagenc_pages_changed`.
+TRACE_ARGS = ["-trace", "pagenc_ram_page", "-trace", "pagenc_pages_changed"]
+
+
+def read_trace(path: Path):
+    """(last send per pfn: (index, encrypted), last in-migration flip per pfn: (index, enc),
+    number of sends). Log order is the order of events: both trace points log under the
+    global log lock, the change one before the range is marked dirty."""
+    sent: dict[int, tuple[int, bool]] = {}
+    changed: dict[int, tuple[int, bool]] = {}
+    started = False
+    n_sent = 0
+    ram_re = re.compile(r"pagenc_ram_page block=\S+ offset=0x[0-9a-f]+ gpa=0x([0-9a-f]+) "
+                        r"encrypted=(\d)")
+    chg_re = re.compile(r"pagenc_pages_changed id=\S+ gpa=0x([0-9a-f]+) npages=0x([0-9a-f]+) "
+                        r"encrypted=(\d)")
+    with open(path, errors="replace") as f:
+        for i, line in enumerate(f):
+            m = ram_re.search(line)
+            if m:
+                started = True
+                n_sent += 1
+                sent[int(m.group(1), 16) // PAGE] = (i, m.group(2) == "1")
+                continue
+            m = chg_re.search(line)
+            if m and started:
+                first = int(m.group(1), 16) // PAGE
+                for pfn in range(first, first + int(m.group(2), 16)):
+                    changed[pfn] = (i, m.group(3) == "1")
+    return sent, changed, n_sent
+
+
+def resend_violations(sent: dict, changed: dict) -> tuple[list, list]:
+    """Pages not sent after their last flip; pages last sent with a stale classification."""
+    missing = sorted(p for p, (ci, _) in changed.items() if p not in sent or sent[p][0] < ci)
+    wrong = sorted(p for p, (_, enc) in changed.items()
+                   if p in sent and sent[p][0] > changed[p][0] and sent[p][1] != enc)
+    return missing, wrong

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import scenario
+from scenario import read_trace, resend_violations
 import sev_sequence as seq
 from pagenc_vm import MiB, PAGE, PagencApi, QmpError, Vm, wait_until
 
@@ -69,8 +70,7 @@ def live(request):
         # The source logs, in order, every page the RAM loop sends and every change of the
         # list (QEMU's log trace backend): the resend check below reads it.
         trace = work / "src-trace.log"
-        src, made = boot_source(make, extra_args=[
-            "-D", str(trace), "-trace", "pagenc_ram_page", "-trace", "pagenc_pages_changed"])
+        src, made = boot_source(make, extra_args=["-D", str(trace), *scenario.TRACE_ARGS])
         dst = make("dst", incoming=f"unix:{work}/mig.sock", paused=True)
         before = src.pagenc_api.query()
         lm = scenario.LiveMigration(src, f"unix:{work}/mig.sock", min_conversions=300,
@@ -120,14 +120,6 @@ def test_pages_converted_during_migration_were_sent_again(live):
     assert len(lm.during) >= 300
 
 
-def resend_violations(sent: dict, changed: dict) -> tuple[list, list]:
-    """Pages not sent after their last flip; pages last sent with a stale classification."""
-    missing = sorted(p for p, (ci, _) in changed.items() if p not in sent or sent[p][0] < ci)
-    wrong = sorted(p for p, (_, enc) in changed.items()
-                   if p in sent and sent[p][0] > changed[p][0] and sent[p][1] != enc)
-    return missing, wrong
-
-
 def test_resend_check_catches_a_page_not_sent_again(tmp_path):
     """Negative control for the check above, on a hand-written trace: it must fail when a
     flipped page is not sent after the flip, or is sent with its old state."""
@@ -144,34 +136,6 @@ def test_resend_check_catches_a_page_not_sent_again(tmp_path):
     missing, wrong = resend_violations(sent, changed)
     assert missing == [3]      # never sent after the flip
     assert wrong == [2]        # sent after it, but still as encrypted
-
-
-def read_trace(path: Path):
-    """(last send per pfn: (index, encrypted), last in-migration flip per pfn: (index, enc),
-    number of sends). Log order is the order of events: both trace points log under the
-    global log lock, the change one before the range is marked dirty."""
-    sent: dict[int, tuple[int, bool]] = {}
-    changed: dict[int, tuple[int, bool]] = {}
-    started = False
-    n_sent = 0
-    ram_re = re.compile(r"pagenc_ram_page block=\S+ offset=0x[0-9a-f]+ gpa=0x([0-9a-f]+) "
-                        r"encrypted=(\d)")
-    chg_re = re.compile(r"pagenc_pages_changed id=\S+ gpa=0x([0-9a-f]+) npages=0x([0-9a-f]+) "
-                        r"encrypted=(\d)")
-    with open(path, errors="replace") as f:
-        for i, line in enumerate(f):
-            m = ram_re.search(line)
-            if m:
-                started = True
-                n_sent += 1
-                sent[int(m.group(1), 16) // PAGE] = (i, m.group(2) == "1")
-                continue
-            m = chg_re.search(line)
-            if m and started:
-                first = int(m.group(1), 16) // PAGE
-                for pfn in range(first, first + int(m.group(2), 16)):
-                    changed[pfn] = (i, m.group(3) == "1")
-    return sent, changed, n_sent
 
 
 def test_guest_memory_on_destination_equals_source(live):
