@@ -53,9 +53,17 @@ $(C_OUT)/asan-%: tests/c/%.c tests/c/check.h include/pagenc.h $(C_OUT)/native-st
 
 c-tests: $(addprefix $(C_OUT)/,$(C_TESTS) $(addprefix asan-,$(C_TESTS)))
 
+# The link flags meson.options hands to QEMU (pagenc_dep, pagenc.pc) must be
+# the ones rustc prints, or QEMU fails to link after a toolchain change.
 # Each program prints "N passed, M failed" and exits non-zero on a failure;
 # valgrind and the sanitizers make any memory error or leak fail it too.
 check-c: c-tests
+	@want=$$(cat $(C_OUT)/native-static-libs); \
+	if [ -f meson.options ]; then \
+	    have=$$(sed -n "/option('native_static_libs'/,/)/s/.*value: '\([^']*\)'.*/\1/p" meson.options); \
+	    if [ "$$have" != "$$want" ]; then \
+	        echo "meson.options native_static_libs is '$$have' but rustc says '$$want': update it" >&2; \
+	        exit 1; fi; fi
 	@set -e; failed=0; \
 	for t in $(C_TESTS); do \
 	    echo "--- $$t (valgrind)"; \
