@@ -1,0 +1,229 @@
+"""Harness for the QEMU integration tests of the pagenc patch series.
+
+Starts the patched qemu-system-x86_64 (scripts/build-qemu.sh builds it) on
+q35 with SeaBIOS and no guest OS, drives it over QMP (qemu.qmp, unix socket)
+and kills it on teardown.  Guests here never make hypercalls (a VMMCALL
+livelocks on this kind of host): the x-pagenc-* commands drive the same
+functions the KVM exit handlers call.
+
+Environment:
+  PAGENC_QEMU          QEMU binary (default build/qemu-build/qemu-system-x86_64)
+  PAGENC_ACCEL         kvm or tcg (default: kvm when /dev/kvm opens)
+  PAGENC_REQUIRE_QEMU  1: a missing binary fails instead of skipping
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+ROOT = Path(__file__).resolve().parents[2]
+QEMU = Path(os.environ.get("PAGENC_QEMU", ROOT / "build/qemu-build/qemu-system-x86_64"))
+BIOS = os.environ.get("PAGENC_BIOS_DIR", "/usr/share/seabios")
+START_TIMEOUT = 20.0
+QMP_TIMEOUT = 30.0
+TEST_TIMEOUT = 180
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+ACCEL = os.environ.get("PAGENC_ACCEL") or ("kvm" if kvm_usable() else "tcg")
+
+
+class QmpError(Exception):
+    def __init__(self, cmd, error):
+        super().__init__(f"{cmd}: {error.get('class')}: {error.get('desc')}")
+        self.cls = error.get("class")
+        self.desc = error.get("desc", "")
+
+
+class Qemu:
+    """One QEMU process with a QMP socket; every wait is bounded."""
+
+    def __init__(self, workdir: Path, name: str, args: list[str], accel: str = ACCEL,
+                 mem: str = "256"):
+        self.workdir = workdir
+        self.name = name
+        self.sock = str(workdir / f"{name}.qmp")
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.cmdline = [str(QEMU), "-machine", "q35", "-accel", accel,
+                        "-nographic", "-nodefaults", "-L", BIOS, "-m", mem,
+                        "-serial", "none", "-monitor", "none",
+                        "-qmp", f"unix:{self.sock},server=on,wait=off"] + args
+        self.proc = None
+        self.qmp = None
+
+    # -- process ---------------------------------------------------------
+    def start(self) -> "Qemu":
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.cmdline, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                     start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited with {self.proc.returncode} at start:\n"
+                                     + self.stderr())
+            if os.path.exists(self.sock):
+                qmp = QEMUMonitorProtocol(self.sock)
+                try:
+                    qmp.connect(negotiate=True)
+                    qmp.settimeout(QMP_TIMEOUT)
+                    self.qmp = qmp
+                    return self
+                except Exception:       # socket there but not listening yet
+                    qmp.close()
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"QEMU QMP socket not up after {START_TIMEOUT}s:\n"
+                                     + self.stderr())
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"QEMU {self.name} did not exit within {timeout}s")
+
+    def kill(self):
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
+            self.qmp = None
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if getattr(self, "_stderr", None):
+            self._stderr.close()
+            self._stderr = None
+
+    # -- QMP -------------------------------------------------------------
+    def raw(self, cmd: str, **args) -> dict:
+        return self.qmp.cmd_raw(cmd, args or None)
+
+    def cmd(self, cmd: str, **args):
+        r = self.raw(cmd, **args)
+        if "error" in r:
+            raise QmpError(cmd, r["error"])
+        return r["return"]
+
+    def error(self, cmd: str, **args) -> QmpError:
+        r = self.raw(cmd, **args)
+        assert "error" in r, f"{cmd} {args} succeeded: {r}"
+        return QmpError(cmd, r["error"])
+
+    def hmp(self, line: str) -> str:
+        return self.cmd("human-monitor-command", **{"command-line": line})
+
+    def pagenc(self) -> dict:
+        return self.cmd("query-pagenc")
+
+    def map(self, gpa: int, npages: int, attrs: int) -> int:
+        return self.cmd("x-pagenc-map-gpa-range", gpa=gpa, npages=npages, attrs=attrs)["ret"]
+
+    def set_mc(self, value: int) -> bool:
+        return self.cmd("x-pagenc-set-migration-control", value=value)["accepted"]
+
+    def wait_for(self, pred, what: str, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            v = pred()
+            if v:
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.05)
+
+    def wait_migration(self, timeout: float = 60.0) -> dict:
+        def done():
+            st = self.cmd("query-migrate")
+            return st if st.get("status") in ("completed", "failed", "cancelled") else None
+        return self.wait_for(done, "migration to finish", timeout)
+
+
+def run_qemu_expect_failure(args: list[str], timeout: float = 20.0) -> tuple[int, str]:
+    """Run QEMU that must refuse its command line; returns (exit code, stderr)."""
+    cmd = [str(QEMU), "-machine", "q35", "-accel", ACCEL, "-nographic", "-nodefaults",
+           "-L", BIOS, "-m", "256", "-serial", "none", "-monitor", "none", "-S"] + args
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"QEMU did not refuse {args} within {timeout}s (it ran)")
+    return p.returncode, p.stderr.decode(errors="replace")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_qemu():
+    if not QEMU.exists():
+        if os.environ.get("PAGENC_REQUIRE_QEMU") == "1":
+            pytest.fail(f"{QEMU} is missing: run scripts/build-qemu.sh")
+        pytest.skip(f"{QEMU} is missing: run scripts/build-qemu.sh")
+
+
+@pytest.fixture(autouse=True)
+def _time_limit():
+    """No test may hang: SIGALRM fails it after TEST_TIMEOUT seconds."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"test exceeded {TEST_TIMEOUT}s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(TEST_TIMEOUT)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="pagenc-qemu-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def vms(workdir):
+    """Factory: vms(name, args, ...) starts a QEMU; all are killed on teardown."""
+    started: list[Qemu] = []
+
+    def start(name: str, args: list[str], **kw) -> Qemu:
+        q = Qemu(workdir, name, args, **kw)
+        started.append(q)
+        return q.start()
+
+    yield start
+    for q in started:
+        q.kill()
+
+
+@pytest.fixture
+def vm(vms):
+    """A running QEMU with -object pagenc,id=pe0."""
+    return vms("src", ["-object", "pagenc,id=pe0"])

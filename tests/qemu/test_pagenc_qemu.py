@@ -1,0 +1,356 @@
+"""pagenc inside the patched QEMU: the object, the guest interface driven over
+QMP (x-pagenc-*), query-pagenc / info pagenc, the migration blocker and
+section, and QEMU without the object.  See conftest.py for the harness."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+
+from conftest import ACCEL, run_qemu_expect_failure
+
+PAGE = 4096
+MiB = 1 << 20
+GiB = 1 << 30
+EINVAL = -22
+ATTR_ENC = 1 << 4
+ATTR_2M = 1
+ATTR_1G = 2
+GPA_LIMIT = 1 << 52
+
+REJECT_KEYS = ["unknown-hypercall", "unaligned", "zero-length", "out-of-range",
+               "reserved-attrs", "bad-page-size", "reserved-msr-bits"]
+
+
+def ranges(info):
+    return [(r["gpa"], r["size"]) for r in info["ranges"]]
+
+
+# --------------------------------------------------------------------------
+# The object and its state
+# --------------------------------------------------------------------------
+
+def test_initial_state(vm):
+    info = vm.pagenc()
+    assert info["id"] == "pe0"
+    assert info["ready"] is False
+    assert info["migration-control"] == 0
+    assert info["migration-blocked"] is True
+    assert info["hypercalls"] == 0
+    assert info["shared-ranges"] == 0 and info["shared-bytes"] == 0
+    assert info["ranges"] == []
+    assert all(v == 0 for v in info["rejected"].values())
+    assert set(info["rejected"]) == set(REJECT_KEYS)
+    # The layout follows the memory map: at least the 256 MiB of pc.ram.
+    assert 256 * MiB <= info["ram-bytes"] < 260 * MiB
+    assert info["memory-used"] > 0
+
+
+def test_share_merge_split_and_reencrypt(vm):
+    base = 16 * MiB
+    assert vm.map(base, 4, 0) == 0
+    assert vm.map(base + 4 * PAGE, 4, 0) == 0          # adjacent: coalesced
+    info = vm.pagenc()
+    assert ranges(info) == [(base, 8 * PAGE)]
+    assert info["shared-bytes"] == 8 * PAGE and info["pages-flipped"] == 8
+
+    assert vm.map(base + 2 * PAGE, 1, ATTR_ENC) == 0  # split
+    info = vm.pagenc()
+    assert ranges(info) == [(base, 2 * PAGE), (base + 3 * PAGE, 5 * PAGE)]
+    assert info["shared-ranges"] == 2 and info["shared-bytes"] == 7 * PAGE
+
+    # Re-marking an encrypted range encrypted changes nothing.
+    flipped = info["pages-flipped"]
+    assert vm.map(64 * MiB, 512, ATTR_ENC | ATTR_2M) == 0
+    assert vm.pagenc()["pages-flipped"] == flipped
+
+    # A 2M-hinted shared call, then everything back to encrypted.
+    assert vm.map(32 * MiB, 512, ATTR_2M) == 0
+    assert ranges(vm.pagenc())[-1] == (32 * MiB, 2 * MiB)
+    assert vm.map(0, 256 * MiB // PAGE, ATTR_ENC) == 0
+    info = vm.pagenc()
+    assert info["ranges"] == [] and info["shared-bytes"] == 0
+    assert info["hypercalls"] == 6
+    assert all(v == 0 for v in info["rejected"].values())
+
+
+def test_outside_ram_is_clipped(vm):
+    # The PCI hole / MMIO: accepted (OVMF reports such ranges) but not stored.
+    assert vm.map(0xfec00000, 4, 0) == 0
+    info = vm.pagenc()
+    assert info["clipped-pages"] == 4
+    assert info["ranges"] == []
+
+
+@pytest.mark.parametrize("name,gpa,npages,attrs", [
+    ("unaligned", 0x1001, 1, 0),
+    ("zero-length", 0x1000, 0, 0),
+    ("out-of-range", 0xfffffffffffff000, 2, 0),        # wraps
+    ("out-of-range", GPA_LIMIT, 1, 0),                 # past 52 bits
+    ("reserved-attrs", 0x1000, 1, 1 << 5),
+    ("reserved-attrs", 0x1000, 1, 1 << 63),
+    ("bad-page-size", 0x1000, 1, 3),
+    ("bad-page-size", 0x1000, 1, 0xf | ATTR_ENC),
+])
+def test_hypercall_rejections(vm, name, gpa, npages, attrs):
+    assert vm.map(16 * MiB, 1, 0) == 0
+    before = vm.pagenc()
+    assert vm.map(gpa, npages, attrs) == EINVAL
+    after = vm.pagenc()
+    for k in REJECT_KEYS:
+        assert after["rejected"][k] == before["rejected"][k] + (k == name), k
+    assert after["hypercalls"] == before["hypercalls"] + 1
+    assert after["ranges"] == before["ranges"]           # nothing changed
+    assert after["pages-flipped"] == before["pages-flipped"]
+
+
+def test_msr_readiness_and_blocker(vm):
+    # Blocked: migrate fails with pagenc's reason.
+    err = vm.error("migrate", uri="exec:cat >/dev/null")
+    assert "pagenc 'pe0'" in err.desc and "KVM_MIGRATION_READY" in err.desc, err.desc
+
+    # Reserved bits: #GP, counted, nothing changes.
+    for bad in (2, 0x80, 1 << 63, 3):
+        assert vm.set_mc(bad) is False
+    info = vm.pagenc()
+    assert info["rejected"]["reserved-msr-bits"] == 4
+    assert info["ready"] is False and info["msr-writes"] == 0
+    assert info["hypercalls"] == 0            # MSR writes are not hypercalls
+
+    assert vm.set_mc(1) is True
+    vm.wait_for(lambda: not vm.pagenc()["migration-blocked"], "blocker removed")
+    info = vm.pagenc()
+    assert info["ready"] is True and info["migration-control"] == 1
+    assert info["msr-writes"] == 1
+
+    # The guest takes it back (kexec, CPU offline): blocked again.
+    assert vm.set_mc(0) is True
+    vm.wait_for(lambda: vm.pagenc()["migration-blocked"], "blocker back")
+    assert vm.pagenc()["ready"] is False
+    err = vm.error("migrate", uri="exec:cat >/dev/null")
+    assert "KVM_MIGRATION_READY" in err.desc
+
+
+def test_require_ready_off_has_no_blocker(vms):
+    q = vms("src", ["-object", "pagenc,id=pe0,require-ready=off"])
+    assert q.pagenc()["migration-blocked"] is False
+
+
+def test_info_pagenc_matches_query(vm):
+    vm.map(16 * MiB, 3, 0)
+    vm.map(0x100000, 1, 0)
+    vm.map(0x1001, 1, 0)
+    vm.map(0x1000, 1, 0x40)
+    vm.set_mc(4)
+    vm.set_mc(1)
+    info = vm.pagenc()
+    text = vm.hmp("info pagenc")
+    assert "pagenc pe0: guest ready" in text
+    assert f"shared: {info['shared-bytes']} bytes in {info['shared-ranges']} ranges" in text
+    assert f"hypercalls: {info['hypercalls']}," in text
+    for k in REJECT_KEYS:
+        assert f"{k} {info['rejected'][k]}" in text, k
+    shown = re.findall(r"0x([0-9a-f]{16})-0x([0-9a-f]{16}) \((\d+) pages\)", text)
+    assert [(int(a, 16), int(b, 16) - int(a, 16) + 1) for a, b, _ in shown] == ranges(info)
+    assert [(0x100000, PAGE), (16 * MiB, 3 * PAGE)] == ranges(info)
+
+
+def test_guest_reset_forgets_everything(vm):
+    vm.map(16 * MiB, 8, 0)
+    vm.set_mc(1)
+    vm.cmd("system_reset")
+    vm.wait_for(lambda: vm.pagenc()["ranges"] == [], "ranges cleared by reset")
+    vm.wait_for(lambda: vm.pagenc()["migration-blocked"], "blocker back after reset")
+    assert vm.pagenc()["ready"] is False
+
+
+def test_layout_follows_memory_map_above_4g(vms):
+    # 4 GiB on q35: pc.ram below 2 GiB and, through an alias, from 4 GiB up.
+    q = vms("big", ["-object", "pagenc,id=pe0"], mem="4G")
+    info = q.pagenc()
+    assert 4 * GiB <= info["ram-bytes"] < 4 * GiB + 4 * MiB
+    assert q.map(4 * GiB + 8 * MiB, 16, 0) == 0
+    assert q.map(3 * GiB, 16, 0) == 0            # the PCI hole: clipped
+    info = q.pagenc()
+    assert ranges(info) == [(4 * GiB + 8 * MiB, 16 * PAGE)]
+    assert info["clipped-pages"] == 16
+
+
+# --------------------------------------------------------------------------
+# Objects and command line
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["-object", "pagenc,id=pe0", "-object", "pagenc,id=pe1"],
+     "only one pagenc object is allowed, 'pe0' already exists"),
+    (["-object", "pagenc,id=pe0,cpuid=maybe"], "Parameter 'cpuid' expects 'on' or 'off'"),
+    (["-object", "pagenc,id=pe0,require-ready=2"],
+     "Parameter 'require-ready' expects 'on' or 'off'"),
+    (["-object", "pagenc,id=pe0,bogus=1"], "Invalid parameter 'bogus'"),
+    (["-object", "pagenc"], "Parameter 'id' is missing"),
+])
+def test_bad_object_arguments(args, message):
+    rc, err = run_qemu_expect_failure(args)
+    assert rc != 0
+    assert message in err, err
+
+
+def test_second_object_over_qmp_and_deletion(vm):
+    err = vm.error("object-add", **{"qom-type": "pagenc", "id": "pe1"})
+    assert "only one pagenc object is allowed, 'pe0' already exists" in err.desc
+    props = vm.cmd("qom-list-properties", typename="pagenc")
+    descs = {p["name"]: p.get("description", "") for p in props}
+    assert "KVM_FEATURE_MIGRATION_CONTROL" in descs["cpuid"]
+    assert "KVM_MIGRATION_READY" in descs["require-ready"]
+    if ACCEL == "kvm":
+        # KVM sends the guest's exits to the object for the VM's life.
+        err = vm.error("object-del", id="pe0")
+        assert "pe0" in err.desc and "in use" in err.desc
+    else:
+        vm.cmd("object-del", id="pe0")
+        assert "no pagenc object" in vm.error("query-pagenc").desc
+        vm.cmd("object-add", **{"qom-type": "pagenc", "id": "pe2"})
+        assert vm.pagenc()["id"] == "pe2"
+
+
+def test_without_object_qemu_is_unchanged(vms, workdir):
+    q = vms("plain", [])
+    for cmd, args in [("query-pagenc", {}),
+                      ("x-pagenc-map-gpa-range", {"gpa": 0, "npages": 1, "attrs": 0}),
+                      ("x-pagenc-set-migration-control", {"value": 1})]:
+        err = q.error(cmd, **args)
+        assert "there is no pagenc object" in err.desc
+        assert "-object pagenc,id=" in err.desc
+    assert "there is no pagenc object" in q.hmp("info pagenc")
+    # No pagenc migration section, no blocker.
+    path = workdir / "plain.mig"
+    q.cmd("migrate", uri=f"file:{path}")
+    assert q.wait_migration()["status"] == "completed"
+    assert b"pagenc" not in path.read_bytes()
+
+
+@pytest.mark.skipif(ACCEL != "kvm", reason="KVM capability and CPUID set-up only with -accel kvm")
+@pytest.mark.parametrize("args,init,cpuid", [
+    (["-object", "pagenc,id=pe0"], True, True),
+    (["-object", "pagenc,id=pe0,cpuid=off"], True, False),
+    ([], False, False),
+])
+def test_kvm_cap_and_cpuid(vms, args, init, cpuid):
+    q = vms("kvm", args + ["-trace", "kvm_pagenc_*"])
+    q.cmd("query-status")
+    q.kill()
+    err = q.stderr()
+    assert ("kvm_pagenc_init KVM_CAP_EXIT_HYPERCALL mask 0x1000, MSR 0x4b564d08" in err) == init, err
+    eax = [int(x, 16) for x in re.findall(r"kvm_pagenc_cpuid cpu \d+ CPUID 0x40000001 EAX 0x([0-9a-f]+)", err)]
+    assert bool(eax) == cpuid, err
+    for v in eax:
+        assert v & (1 << 16) and v & (1 << 17)
+
+
+# --------------------------------------------------------------------------
+# Migration
+# --------------------------------------------------------------------------
+
+def find_list_record(data: bytes) -> int:
+    """Offset of the pagenc list record (0x02, be64 len, stream) in a migration file."""
+    start = data.index(b"\x06pagenc")           # SECTION_START idstr
+    sid = data[start - 4:start]                 # section_id, be32, before the idstr
+    end = data.index(b"\x03" + sid + b"\x02", start)
+    return end + 6
+
+
+def test_migration_roundtrip_through_file(vms, workdir):
+    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src.map(16 * MiB, 8, 0)
+    src.map(64 * MiB, 512, ATTR_2M)
+    src.set_mc(1)
+    src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
+    want = src.pagenc()
+    path = workdir / "vm.mig"
+    src.cmd("migrate", uri=f"file:{path}")
+    st = src.wait_migration()
+    assert st["status"] == "completed", st
+    info = src.pagenc()
+    # Every page went out once, and the shared ones were told apart.
+    assert info["pages-sent-shared"] >= 8 + 512
+    assert info["pages-sent-encrypted"] >= (256 * MiB // PAGE) - 8 - 512 - 64
+    assert b"pagenc" in path.read_bytes()
+
+    dst = vms("dst", ["-object", "pagenc,id=pe0", "-incoming", "defer"])
+    dst.cmd("migrate-incoming", uri=f"file:{path}")
+    dst.wait_for(lambda: dst.cmd("query-status")["status"] in ("running", "paused",
+                                                              "postmigrate"),
+                 "incoming migration")
+    dst.wait_for(lambda: dst.cmd("query-migrate").get("status") == "completed",
+                 "incoming completed")
+    got = dst.pagenc()
+    assert ranges(got) == ranges(want)
+    assert got["ready"] is True and got["migration-control"] == 1
+    dst.wait_for(lambda: not dst.pagenc()["migration-blocked"], "destination unblocked")
+
+
+def test_destination_without_object_refuses_stream(vms, workdir):
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off"])
+    src.map(16 * MiB, 8, 0)
+    path = workdir / "vm.mig"
+    src.cmd("migrate", uri=f"file:{path}")
+    assert src.wait_migration()["status"] == "completed"
+    dst = vms("dst", ["-incoming", "defer"])
+    dst.cmd("migrate-incoming", uri=f"file:{path}")
+    dst.wait_for(lambda: "pagenc" in dst.stderr() or dst.proc.poll() is not None,
+                 "the destination to refuse the stream")
+    err = dst.stderr()
+    assert "Unknown savevm section or instance 'pagenc'" in err, err
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    ("stream", "the page list"),
+    ("length", "bytes long, more than the"),
+])
+def test_bad_section_fails_incoming_migration(vms, workdir, corrupt, message):
+    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src.map(16 * MiB, 8, 0)
+    src.set_mc(1)
+    src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
+    path = workdir / "vm.mig"
+    src.cmd("migrate", uri=f"file:{path}")
+    assert src.wait_migration()["status"] == "completed"
+    data = bytearray(path.read_bytes())
+    rec = find_list_record(bytes(data))
+    (length,) = struct.unpack(">Q", data[rec:rec + 8])
+    assert 0 < length < 4096
+    if corrupt == "stream":
+        data[rec + 8] ^= 0xff                    # first byte of pagenc's stream
+    else:
+        data[rec:rec + 8] = struct.pack(">Q", 1 << 40)
+    path.write_bytes(bytes(data))
+
+    dst = vms("dst", ["-object", "pagenc,id=pe0", "-incoming", "defer"])
+    dst.cmd("migrate-incoming", uri=f"file:{path}", **{"exit-on-error": False})
+    st = dst.wait_for(lambda: (lambda s: s if s.get("status") == "failed" else None)(
+        dst.cmd("query-migrate")), "the incoming migration to fail")
+    err = dst.stderr()
+    assert message in err, err
+    assert "pagenc 'pe0': incoming migration" in err, err
+    assert "pagenc" in st.get("error-desc", "") or "pagenc" in err
+    # The destination's list is unchanged and it did not start the guest.
+    assert dst.pagenc()["ranges"] == []
+    assert dst.cmd("query-status")["status"] != "running"
+
+
+def test_postcopy_is_refused(vm):
+    vm.set_mc(1)
+    vm.wait_for(lambda: not vm.pagenc()["migration-blocked"], "unblocked")
+    vm.cmd("migrate-set-capabilities",
+           capabilities=[{"capability": "postcopy-ram", "state": True}])
+    r = vm.raw("migrate", uri="exec:cat >/dev/null")
+    if "error" not in r:
+        st = vm.wait_migration()
+        assert st["status"] == "failed", st
+        desc = st.get("error-desc", "")
+    else:
+        desc = r["error"]["desc"]
+    assert "postcopy-ram is not supported" in desc, desc
+    assert vm.cmd("query-status")["status"] == "running"
