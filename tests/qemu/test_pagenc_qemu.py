@@ -354,3 +354,42 @@ def test_postcopy_is_refused(vm):
         desc = r["error"]["desc"]
     assert "postcopy-ram is not supported" in desc, desc
     assert vm.cmd("query-status")["status"] == "running"
+
+
+def test_pages_converted_during_migration_are_sent_again(vms, workdir):
+    # A paused guest dirties nothing: only pagenc's change callback can
+    # make pages go out a second time.
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off", "-S"])
+    src.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": "pause-before-switchover", "state": True}])
+    path = workdir / "vm.mig"
+    src.cmd("migrate", uri=f"file:{path}")
+    src.wait_for(lambda: src.cmd("query-migrate")["status"] == "pre-switchover",
+                 "pre-switchover")
+    first = src.pagenc()
+    enc1, sh1 = first["pages-sent-encrypted"], first["pages-sent-shared"]
+    assert enc1 >= 256 * MiB // PAGE - 64      # the whole of pc.ram went out once
+
+    n = 100
+    assert src.map(32 * MiB, n, 0) == 0          # converted after being sent
+    src.cmd("migrate-continue", state="pre-switchover")
+    st = src.wait_migration()
+    assert st["status"] == "completed", st
+    last = src.pagenc()
+    assert last["pages-sent-shared"] == sh1 + n, (first, last)
+    assert last["pages-sent-encrypted"] == enc1, (first, last)
+
+
+def test_memory_hotplug_updates_layout(vms):
+    q = vms("hp", ["-object", "pagenc,id=pe0"], mem="256,slots=2,maxmem=1G")
+    before = q.pagenc()["ram-bytes"]
+    q.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m1",
+                           "size": 128 * MiB})
+    q.cmd("device_add", driver="pc-dimm", id="dimm1", memdev="m1")
+    q.wait_for(lambda: q.pagenc()["ram-bytes"] == before + 128 * MiB, "layout grown")
+    addr = q.cmd("qom-get", path="/machine/peripheral/dimm1", property="addr")
+    assert addr >= 4 * GiB
+    assert q.map(addr, 16, 0) == 0
+    info = q.pagenc()
+    assert ranges(info) == [(addr, 16 * PAGE)]
+    assert info["clipped-pages"] == 0
