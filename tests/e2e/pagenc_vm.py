@@ -319,11 +319,22 @@ class Vm:
             raise HarnessError(f"{self.name}: cannot parse xp output {out!r}")
         return int(m.group(1), 16)
 
-    def wait_guest_running(self, passes: int = 2, timeout: float = DEFAULT_TIMEOUT):
-        """Until the payload has completed `passes` passes over its region."""
-        return wait_until(lambda: self.pass_count() >= passes, timeout,
-                          f"{self.name}: guest payload to complete {passes} passes "
-                          f"(debugcon: {self.debugcon_text()[-200:]!r})")
+    BANNER = "pagenc-guest: dirtying"
+
+    def boots(self) -> int:
+        """How many times the payload has started (its banner on the debug console)."""
+        return self.debugcon_text().count(self.BANNER)
+
+    def wait_guest_running(self, passes: int = 2, timeout: float = DEFAULT_TIMEOUT,
+                           boots: int = 1):
+        """Until the payload has started `boots` times and completed `passes` passes.
+
+        The banner matters: before the payload runs, 0x7000 holds whatever the BIOS left.
+        """
+        return wait_until(lambda: self.boots() >= boots and self.pass_count() >= passes,
+                          timeout,
+                          f"{self.name}: guest payload (boot {boots}) to complete {passes} "
+                          f"passes (debugcon: {self.debugcon_text()[-200:]!r})")
 
     def serial_send(self, data: bytes):
         """One-byte commands to the payload's COM1 poller: b'R' READY, b'0' not ready."""

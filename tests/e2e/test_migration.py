@@ -173,7 +173,7 @@ def test_ping_pong_keeps_the_list_exact(vms):
     a2.wait_status("running")
     assert ranges(a2) == ranges(b) == seq.expected_shared(made)
     assert PagencApi.ready(a2.pagenc_api.query())
-    a2.wait_guest_running(a2.pass_count() + 2)
+    a2.wait_guest_running(a2.pass_count() + 2, boots=0)  # booted on a, not here
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_guest_reset_clears_list_and_readiness(vms):
         src.cmd("migrate", uri=f"unix:{w}/never.sock")
     assert "pagenc" in e.value.desc.lower()
     # The payload booted again after the reset.
-    src.wait_guest_running(2)
+    src.wait_guest_running(2, boots=2)
 
 
 # --------------------------------------------------------------------------------------------
