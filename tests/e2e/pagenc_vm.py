@@ -13,9 +13,11 @@ QEMU series is a one-line change here.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -57,6 +59,15 @@ class QmpError(HarnessError):
         self.cmd = cmd
         self.error_class = error_class
         self.desc = desc
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM when the harness dies, even by SIGKILL, so no
+    QEMU outlives a killed demo or test run (PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def kvm_usable() -> bool:
@@ -211,7 +222,8 @@ class Vm:
             raise HarnessError(f"{PAYLOAD} does not exist: run make -C guest")
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, start_new_session=True)
+                                         stdout=err, stderr=err, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         self.qmp = self._connect(self.qmp_path, timeout)
         return self
 
