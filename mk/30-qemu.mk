@@ -3,7 +3,7 @@
 PYTHON ?= python3
 CHECK_TARGETS += check-qemu
 
-.PHONY: qemu check-qemu check-qemu-patches
+.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject
 qemu:
 	bash scripts/build-qemu.sh --no-deps
 
@@ -14,5 +14,13 @@ check-qemu-patches: qemu
 	    perl build/qemu-src/scripts/checkpatch.pl --no-color --patch "$$p"; \
 	done
 
-check-qemu: qemu check-qemu-patches
+# meson.build's subproject mode: a parent project finds pagenc through
+# meson.override_dependency (no pkg-config file) and links a C program.
+check-meson-subproject:
+	rm -rf build/meson-subproject && mkdir -p build/meson-subproject/subprojects
+	cp tests/qemu/meson-subproject/meson.build tests/qemu/meson-subproject/t.c build/meson-subproject/
+	ln -s $(CURDIR) build/meson-subproject/subprojects/pagenc
+	cd build/meson-subproject && env -u PKG_CONFIG_PATH meson setup b >/dev/null && ninja -C b >/dev/null && ./b/t
+
+check-qemu: qemu check-qemu-patches check-meson-subproject
 	PAGENC_REQUIRE_QEMU=1 $(PYTHON) -m pytest -q -ra tests/qemu $(QEMU_TEST_ARGS)
