@@ -125,7 +125,9 @@ def demo(opts, work: Path, vms: list) -> bool:
     kvm = src.kvm_enabled()
     v = src.cmd("query-version")["qemu"]
     say(f"QEMU      {QEMU_BIN} (version {v['major']}.{v['minor']}.{v['micro']}, pagenc series)")
-    say(f"accel     {'KVM (/dev/kvm works)' if kvm else 'TCG (/dev/kvm not usable here)'}")
+    why = ("forced by PAGENC_ACCEL" if os.environ.get("PAGENC_ACCEL")
+           else "/dev/kvm works" if kvm else "/dev/kvm not usable here")
+    say(f"accel     {'KVM' if kvm else 'TCG'} ({why})")
     say(f"guest     guest/build/payload.elf, {opts.mem} MiB RAM, dirtying {opts.dirty_mb} MiB "
         f"from 16 MiB, -append '{append}'")
     src.wait_guest_running(passes=2)
