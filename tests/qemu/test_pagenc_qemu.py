@@ -393,3 +393,83 @@ def test_memory_hotplug_updates_layout(vms):
     info = q.pagenc()
     assert ranges(info) == [(addr, 16 * PAGE)]
     assert info["clipped-pages"] == 0
+
+
+# --------------------------------------------------------------------------
+# A real guest: MSR_KVM_MIGRATION_CONTROL through KVM_EXIT_X86_{WR,RD}MSR
+# (MSR exits work on this kind of host; hypercalls do not, so no VMMCALL).
+# --------------------------------------------------------------------------
+
+def msr_option_rom() -> bytes:
+    """A 512-byte option ROM SeaBIOS runs at start (-option-rom), in real mode
+    at CPL 0: WRMSR 2 (reserved: #GP; the handler prints 'G' and skips the
+    instruction), WRMSR 1 (KVM_MIGRATION_READY), RDMSR and print 'R' if it
+    reads 1 ('X' otherwise), on port 0xe9; then back to the BIOS."""
+    code = bytearray([0x55, 0xAA, 0x01, 0xEB, 0x00])   # signature, 1 block, jmp entry
+    fix = {}
+
+    def emit(*b):
+        code.extend(b)
+
+    emit(0x66, 0x60, 0x1E, 0x06)                 # pushad; push ds; push es
+    emit(0x31, 0xC0, 0x8E, 0xD8)                 # xor ax,ax; mov ds,ax
+    emit(0xFF, 0x36, 0x34, 0x00, 0xFF, 0x36, 0x36, 0x00)   # save IVT[13]
+    emit(0xC7, 0x06, 0x34, 0x00); fix["handler"] = len(code); emit(0, 0)
+    emit(0x8C, 0x0E, 0x36, 0x00)                 # mov [0x36],cs
+    emit(0x66, 0xB9, 0x08, 0x4D, 0x56, 0x4B)     # mov ecx,0x4b564d08
+    emit(0x66, 0x31, 0xD2)                       # xor edx,edx
+    emit(0x66, 0xB8, 0x02, 0, 0, 0, 0x0F, 0x30)  # mov eax,2; wrmsr  -> #GP
+    emit(0x66, 0xB8, 0x01, 0, 0, 0, 0x0F, 0x30)  # mov eax,1; wrmsr
+    emit(0x66, 0x31, 0xC0, 0x0F, 0x32)           # xor eax,eax; rdmsr
+    emit(0x66, 0x83, 0xF8, 0x01)                 # cmp eax,1
+    emit(0x75, 0x06)                             # jne bad
+    emit(0xB0, ord("R"), 0xE6, 0xE9)             # mov al,'R'; out 0xe9,al
+    emit(0xEB, 0x04)                             # jmp restore
+    emit(0xB0, ord("X"), 0xE6, 0xE9)             # bad: mov al,'X'; out 0xe9,al
+    emit(0x8F, 0x06, 0x36, 0x00, 0x8F, 0x06, 0x34, 0x00)   # restore IVT[13]
+    emit(0x07, 0x1F, 0x66, 0x61, 0xCB)           # pop es; pop ds; popad; retf
+    handler = len(code)
+    emit(0xB0, ord("G"), 0xE6, 0xE9)             # handler: mov al,'G'; out 0xe9,al
+    emit(0x55, 0x89, 0xE5)                       # push bp; mov bp,sp
+    emit(0x83, 0x46, 0x02, 0x02)                 # add word [bp+2],2 (skip wrmsr)
+    emit(0x5D, 0xCF)                             # pop bp; iret
+    code[fix["handler"]:fix["handler"] + 2] = struct.pack("<H", handler)
+    rom = bytearray(code) + bytearray(512 - len(code))
+    rom[-1] = (-sum(rom)) & 0xFF                 # checksum
+    return bytes(rom)
+
+
+@pytest.mark.skipif(ACCEL != "kvm", reason="the MSR filter exists only with -accel kvm")
+def test_guest_msr_writes_reach_pagenc(vms, workdir):
+    rom = workdir / "msr.rom"
+    rom.write_bytes(msr_option_rom())
+    out = workdir / "debugcon.txt"
+    q = vms("guest", ["-object", "pagenc,id=pe0", "-option-rom", str(rom),
+                      "-chardev", f"file,id=dbg,path={out}",
+                      "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+                      "-trace", "pagenc_*msr"])
+    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 2, "the guest's output", 30)
+    assert out.read_bytes() == b"GR"              # #GP for bit 1, then READY read back
+    info = q.pagenc()
+    assert info["ready"] is True and info["migration-control"] == 1
+    assert info["msr-writes"] == 1
+    assert info["rejected"]["reserved-msr-bits"] == 1
+    q.wait_for(lambda: not q.pagenc()["migration-blocked"], "blocker removed by the guest")
+    q.kill()
+    err = q.stderr()
+    assert "pagenc_wrmsr id=pe0 value=0x2 result=3" in err, err
+    assert "pagenc_wrmsr id=pe0 value=0x1 result=0" in err, err
+    assert "pagenc_rdmsr id=pe0 result=0 value=0x1" in err, err
+
+
+@pytest.mark.skipif(ACCEL != "kvm", reason="the MSR filter exists only with -accel kvm")
+def test_guest_msr_without_object_is_unknown(vms, workdir):
+    # Upstream behaviour: no filter, the MSR does not exist, every access #GPs.
+    rom = workdir / "msr.rom"
+    rom.write_bytes(msr_option_rom())
+    out = workdir / "debugcon.txt"
+    q = vms("guest", ["-option-rom", str(rom),
+                      "-chardev", f"file,id=dbg,path={out}",
+                      "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
+    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 4, "the guest's output", 30)
+    assert out.read_bytes() == b"GGGX"
