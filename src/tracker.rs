@@ -418,12 +418,29 @@ impl Tracker {
     }
 }
 
+/// How many runs a cursor caches per refill. Each refill takes the lock once; caching the next
+/// runs as well (the RAM loop's queries ascend) makes a refill per 32 runs instead of per run.
+const CURSOR_RUNS: usize = 64;
+
 /// The state of a cursor, kept apart from the tracker borrow so that the C layer can hold the
 /// tracker by reference count. See [`Cursor`].
 #[derive(Debug, Clone, Copy)]
 pub struct CursorState {
     generation: u64,
+    /// The run the last answer came from.
     cached: Run,
+    /// Ends of the runs cached at the last refill, ascending; states alternate.
+    ends: [u64; CURSOR_RUNS],
+    /// How many of `ends` are valid.
+    len: usize,
+    /// `ends[idx]` is `cached.range.end`.
+    idx: usize,
+    /// How many runs the next refill asks for: halved when the queries jumped past a whole
+    /// window without using it (sparse queries over fine fragmentation, where filling the
+    /// window is wasted work), doubled when they walked through it.
+    want: usize,
+    /// Steps taken through the window since the last refill.
+    steps: usize,
 }
 
 impl Default for CursorState {
@@ -441,34 +458,95 @@ impl CursorState {
                 range: PageRange { start: 0, end: 0 },
                 state: PageState::Encrypted,
             },
+            ends: [0; CURSOR_RUNS],
+            len: 0,
+            idx: 0,
+            want: CURSOR_RUNS,
+            steps: 0,
         }
     }
 
     /// The state of `gfn` and where it ends: the returned run starts at `gfn`. O(1) while
-    /// queries ascend inside the cached run and the map does not change; otherwise one lookup.
+    /// queries ascend inside the cached runs and the map does not change; otherwise one lookup.
     #[inline]
     pub fn query(&mut self, tracker: &Tracker, gfn: u64) -> Result<Run, TrackerError> {
-        if tracker.generation.load(Ordering::Acquire) == self.generation
-            && self.cached.range.contains(gfn)
-        {
-            return Ok(Run {
-                range: PageRange {
-                    start: gfn,
-                    end: self.cached.range.end,
-                },
-                state: self.cached.state,
-            });
+        if tracker.generation.load(Ordering::Acquire) == self.generation {
+            if self.cached.range.contains(gfn) {
+                return Ok(Run {
+                    range: PageRange {
+                        start: gfn,
+                        end: self.cached.range.end,
+                    },
+                    state: self.cached.state,
+                });
+            }
+            if gfn >= self.cached.range.end && self.advance(gfn) {
+                return Ok(Run {
+                    range: PageRange {
+                        start: gfn,
+                        end: self.cached.range.end,
+                    },
+                    state: self.cached.state,
+                });
+            }
         }
         self.refill(tracker, gfn)
+    }
+
+    /// Moves forward through the cached runs to the one holding `gfn` (past the current one);
+    /// false if `gfn` is past them all.
+    #[inline]
+    fn advance(&mut self, gfn: u64) -> bool {
+        let mut k = self.idx;
+        let mut state = self.cached.state;
+        while k + 1 < self.len && self.ends[k] <= gfn {
+            k += 1;
+            state = match state {
+                PageState::Shared => PageState::Encrypted,
+                PageState::Encrypted => PageState::Shared,
+            };
+        }
+        if k == self.idx || self.ends[k] <= gfn {
+            return false;
+        }
+        self.idx = k;
+        self.steps += 1;
+        self.cached = Run {
+            range: PageRange {
+                start: self.ends[k - 1],
+                end: self.ends[k],
+            },
+            state,
+        };
+        true
     }
 
     #[cold]
     fn refill(&mut self, tracker: &Tracker, gfn: u64) -> Result<Run, TrackerError> {
         let gfn = gfn.min(MAX_GFN - 1);
         let inner = tracker.lock()?;
+        let generation = tracker.generation.load(Ordering::Acquire);
+        if generation == self.generation && self.len > 0 && gfn >= self.ends[self.len - 1] {
+            // Ran off the end of the window (not a change of the map): adapt its size.
+            if self.steps == 0 {
+                self.want = (self.want / 2).max(1);
+            } else if self.steps + 1 >= self.len {
+                self.want = (self.want * 2).min(CURSOR_RUNS);
+            }
+        }
         // Writers bump the generation under the lock, so this pairs exactly with the map read.
-        self.generation = tracker.generation.load(Ordering::Acquire);
-        self.cached = inner.map.run_at(gfn);
+        self.generation = generation;
+        let (state, len) = inner.map.runs_from(gfn, &mut self.ends[..self.want]);
+        self.len = len;
+        self.idx = 0;
+        self.steps = 0;
+        self.cached = Run {
+            range: PageRange {
+                start: gfn,
+                end: self.ends[0],
+            },
+            state,
+        };
         Ok(self.cached)
     }
 }

@@ -276,6 +276,24 @@ impl Chunk {
         }
     }
 
+    /// The shared runs that end after `off`, ascending (the first may start before `off`, or,
+    /// in a bitmap, be cut to start at it). O(log runs) to start.
+    pub fn runs_after(&self, off: u32) -> ChunkRuns<'_> {
+        match self {
+            Chunk::Full => self.runs(),
+            Chunk::Runs(r) => ChunkRuns {
+                chunk: self,
+                pos: 0,
+                idx: r.partition_point(|s| s.end() <= off),
+            },
+            Chunk::Bitmap(_) => ChunkRuns {
+                chunk: self,
+                pos: off,
+                idx: 0,
+            },
+        }
+    }
+
     /// Number of shared runs inside the chunk (word-parallel for a bitmap).
     pub fn run_count(&self) -> usize {
         match self {

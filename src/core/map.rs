@@ -248,6 +248,71 @@ impl PageMap {
         }
     }
 
+    /// The state of `gfn` and the ends of the maximal runs from `gfn` on: `ends[0]` is where the
+    /// run containing `gfn` ends, `ends[1]` where the next one (of the other state) ends, and so
+    /// on, for up to `ends.len()` runs or until the 52-bit limit. Returns the state at `gfn` and
+    /// how many ends were written. One directory search for the whole batch, then a linear walk,
+    /// so a cursor can cache several runs per lock for about the price of one.
+    pub fn runs_from(&self, gfn: u64, ends: &mut [u64]) -> (PageState, usize) {
+        let gfn = gfn.min(MAX_GFN - 1);
+        if ends.is_empty() {
+            return (self.state(gfn), 0);
+        }
+        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        let inner = self.chunks.get(i).map(|(c, chunk)| {
+            let off = if *c == chunk_of(gfn) {
+                offset_of(gfn)
+            } else {
+                0
+            };
+            (base_of(*c), chunk.runs_after(off))
+        });
+        // Shared ranges from here on that end after gfn; the first may hold gfn.
+        let mut shared = SharedRanges {
+            chunks: &self.chunks,
+            idx: i + 1,
+            inner,
+            pending: None,
+        };
+        fn push(ends: &mut [u64], n: &mut usize, v: u64) {
+            if *n < ends.len() {
+                ends[*n] = v;
+                *n += 1;
+            }
+        }
+        let mut n = 0;
+        let state = match shared.next() {
+            Some(r) if r.start <= gfn => {
+                push(ends, &mut n, r.end);
+                PageState::Shared
+            }
+            Some(r) => {
+                push(ends, &mut n, r.start);
+                push(ends, &mut n, r.end);
+                PageState::Encrypted
+            }
+            None => {
+                push(ends, &mut n, MAX_GFN);
+                return (PageState::Encrypted, n);
+            }
+        };
+        while n < ends.len() {
+            match shared.next() {
+                Some(r) => {
+                    push(ends, &mut n, r.start);
+                    push(ends, &mut n, r.end);
+                }
+                None => {
+                    if ends[n - 1] < MAX_GFN {
+                        push(ends, &mut n, MAX_GFN);
+                    }
+                    break;
+                }
+            }
+        }
+        (state, n)
+    }
+
     /// Is `gfn` encrypted? (Pages outside RAM are.)
     pub fn state(&self, gfn: u64) -> PageState {
         let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
