@@ -402,7 +402,8 @@ def test_memory_hotplug_updates_layout(vms):
 
 def msr_option_rom() -> bytes:
     """A 512-byte option ROM SeaBIOS runs at start (-option-rom), in real mode
-    at CPL 0: WRMSR 2 (reserved: #GP; the handler prints 'G' and skips the
+    at CPL 0: CPUID 0x40000001 ('C' if EAX bits 16 and 17 are set, 'c' if
+    not), WRMSR 2 (reserved: #GP; the handler prints 'G' and skips the
     instruction), WRMSR 1 (KVM_MIGRATION_READY), RDMSR and print 'R' if it
     reads 1 ('X' otherwise), on port 0xe9; then back to the BIOS."""
     code = bytearray([0x55, 0xAA, 0x01, 0xEB, 0x00])   # signature, 1 block, jmp entry
@@ -412,6 +413,12 @@ def msr_option_rom() -> bytes:
         code.extend(b)
 
     emit(0x66, 0x60, 0x1E, 0x06)                 # pushad; push ds; push es
+    emit(0x66, 0xB8, 0x01, 0x00, 0x00, 0x40)     # mov eax,0x40000001
+    emit(0x0F, 0xA2)                             # cpuid
+    emit(0x66, 0xC1, 0xE8, 0x10)                 # shr eax,16
+    emit(0x83, 0xE0, 0x03, 0x83, 0xF8, 0x03)     # and ax,3; cmp ax,3
+    emit(0xB0, ord("c"), 0x75, 0x02)             # mov al,'c'; jne +2
+    emit(0xB0, ord("C"), 0xE6, 0xE9)             # mov al,'C'; out 0xe9,al
     emit(0x31, 0xC0, 0x8E, 0xD8)                 # xor ax,ax; mov ds,ax
     emit(0xFF, 0x36, 0x34, 0x00, 0xFF, 0x36, 0x36, 0x00)   # save IVT[13]
     emit(0xC7, 0x06, 0x34, 0x00); fix["handler"] = len(code); emit(0, 0)
@@ -448,8 +455,9 @@ def test_guest_msr_writes_reach_pagenc(vms, workdir):
                       "-chardev", f"file,id=dbg,path={out}",
                       "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
                       "-trace", "pagenc_*msr"])
-    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 2, "the guest's output", 30)
-    assert out.read_bytes() == b"GR"              # #GP for bit 1, then READY read back
+    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 3, "the guest's output", 30)
+    # CPUID bits set, #GP for bit 1, then READY read back.
+    assert out.read_bytes() == b"CGR"
     info = q.pagenc()
     assert info["ready"] is True and info["migration-control"] == 1
     assert info["msr-writes"] == 1
@@ -464,12 +472,25 @@ def test_guest_msr_writes_reach_pagenc(vms, workdir):
 
 @pytest.mark.skipif(ACCEL != "kvm", reason="the MSR filter exists only with -accel kvm")
 def test_guest_msr_without_object_is_unknown(vms, workdir):
-    # Upstream behaviour: no filter, the MSR does not exist, every access #GPs.
+    # Upstream behaviour: no CPUID bits, no filter: the MSR does not exist and
+    # every access #GPs.
     rom = workdir / "msr.rom"
     rom.write_bytes(msr_option_rom())
     out = workdir / "debugcon.txt"
     q = vms("guest", ["-option-rom", str(rom),
                       "-chardev", f"file,id=dbg,path={out}",
                       "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
-    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 4, "the guest's output", 30)
-    assert out.read_bytes() == b"GGGX"
+    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 5, "the guest's output", 30)
+    assert out.read_bytes() == b"cGGGX"
+
+
+@pytest.mark.skipif(ACCEL != "kvm", reason="the MSR filter exists only with -accel kvm")
+def test_guest_cpuid_off(vms, workdir):
+    rom = workdir / "msr.rom"
+    rom.write_bytes(msr_option_rom())
+    out = workdir / "debugcon.txt"
+    q = vms("guest", ["-object", "pagenc,id=pe0,cpuid=off", "-option-rom", str(rom),
+                      "-chardev", f"file,id=dbg,path={out}",
+                      "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
+    q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 3, "the guest's output", 30)
+    assert out.read_bytes() == b"cGR"             # bits hidden, the MSR still handled
