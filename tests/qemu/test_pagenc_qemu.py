@@ -494,3 +494,41 @@ def test_guest_cpuid_off(vms, workdir):
                       "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
     q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 3, "the guest's output", 30)
     assert out.read_bytes() == b"cGR"             # bits hidden, the MSR still handled
+
+
+def test_refused_stream_leaves_source_running(vms, workdir):
+    # Live migration over a socket with the return path: the destination
+    # (no pagenc object) refuses the "pagenc" section, the source goes on.
+    sock = workdir / "mig.sock"
+    dst = vms("dst", ["-incoming", "defer"])
+    dst.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": "return-path", "state": True}])
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off"])
+    src.map(16 * MiB, 8, 0)
+    src.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": "return-path", "state": True}])
+    src.cmd("migrate", uri=f"unix:{sock}")
+    st = src.wait_migration()
+    assert st["status"] == "failed", st
+    src.wait_for(lambda: src.cmd("query-status")["status"] == "running", "source running")
+    assert ranges(src.pagenc()) == [(16 * MiB, 8 * PAGE)]
+    dst.wait_exit()
+    assert "Unknown savevm section or instance 'pagenc'" in dst.stderr()
+
+
+def test_live_migration_between_two_qemus(vms, workdir):
+    sock = workdir / "mig.sock"
+    dst = vms("dst", ["-object", "pagenc,id=pe0", "-incoming", "defer"])
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src.map(16 * MiB, 8, 0)
+    src.map(0x100000, 1, 0)
+    src.set_mc(1)
+    src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
+    src.cmd("migrate", uri=f"unix:{sock}")
+    assert src.wait_migration()["status"] == "completed"
+    dst.wait_for(lambda: dst.cmd("query-status")["status"] == "running", "destination running")
+    got = dst.pagenc()
+    assert ranges(got) == [(0x100000, PAGE), (16 * MiB, 8 * PAGE)]
+    assert got["ready"] is True
