@@ -446,7 +446,7 @@ fuzz_target!(|data: &[u8]| {
         }
         h.check_stats();
         ops += 1;
-        if ops % 64 == 0 {
+        if ops.is_multiple_of(64) {
             h.check_map();
         }
     }
