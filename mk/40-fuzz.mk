@@ -19,6 +19,7 @@ FUZZ_RUN = $(FUZZ_CARGO) fuzz run -a -s none
 .PHONY: check-fuzz fuzz-grow
 check-fuzz:
 	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: run make deps"; exit 1; }
+	cd fuzz && $(CARGO) fmt --check
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	    echo "--- fuzz $$t: replay fuzz/corpus/$$t"; \
 	    $(FUZZ_RUN) $$t fuzz/corpus/$$t -- -runs=0; \

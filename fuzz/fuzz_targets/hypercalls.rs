@@ -17,7 +17,8 @@
 //! are clipped arithmetically, so huge npages reach the tracker while the model stays small.
 //! Checked after every operation: return values and rejection reasons, the change and readiness
 //! callbacks, statistics, and (every few operations and at the end) the whole map, its
-//! invariants, and that pagenc's heap stays within a bound derived from RAM.
+//! invariants, and that pagenc's heap stays within a bound derived from RAM. At the end the map
+//! goes through the migration stream into a second tracker and must come out the same.
 
 #![no_main]
 
@@ -451,6 +452,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     h.check_map();
+    // Whatever the guest did, the map survives a migration stream exactly.
+    let bytes = pagenc::stream::save_to_vec(&h.t).unwrap();
+    let dst = Tracker::new(h.m.layout.clone());
+    pagenc::stream::load(&dst, &bytes).unwrap();
+    assert_eq!(dst.shared_ranges().unwrap(), h.m.ranges());
+    assert_eq!(dst.rdmsr(MSR_KVM_MIGRATION_CONTROL).unwrap(), h.m.msr);
+    drop(dst);
     // Model (2 x LIMIT bytes) + map (about a bitmap of RAM, x2 for a transient copy) + slack.
     let bound = 2 * LIMIT as usize + 2 * (LIMIT / 8) as usize + (1 << 20);
     let peak = peak_since(base);
