@@ -128,6 +128,8 @@ fn pcts(samples: &mut [u64], ghz: f64) -> (f64, f64, f64) {
     (at(0.5), at(0.99), samples[samples.len() - 1] as f64 / ghz)
 }
 
+/// This thread's CPU time in seconds. Throughput and scan timings use it rather than the wall
+/// clock: the machine is shared, and time spent descheduled is not the structure's cost.
 fn cpu_time() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -416,13 +418,13 @@ fn f(v: f64) -> String {
 
 /// Runs `ops` on `s`, timing each call; returns the total seconds.
 fn run_ops<S: Store>(s: &mut S, layout: &Layout, ops: &[Op], samples: &mut Vec<u64>) -> f64 {
-    let t = Instant::now();
+    let t = cpu_time();
     for op in ops {
         let a = rdtsc();
         s.apply(layout, op.gfn, op.n, op.shared);
         samples.push(rdtsc() - a);
     }
-    t.elapsed().as_secs_f64()
+    cpu_time() - t
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,11 +706,17 @@ fn w1(rep: &mut Report) {
         0.25,
         false,
     );
-    rep.goal("W1", "handler max / Bexit(measured)", max / bx, 1.0, false);
+    rep.goal(
+        "W1",
+        "handler max / Bexit(measured) (research doc)",
+        max / bx,
+        1.0,
+        false,
+    );
     if let Some((us, bpr)) = headline {
         rep.goal(
             "W1",
-            "whole trace at 16 GiB/8 vCPU/240 possible, µs",
+            "whole trace at 16 GiB/8 vCPU/240 possible, µs (research doc)",
             us,
             1000.0,
             false,
@@ -815,7 +823,7 @@ fn churn<S: Store>(
 ) -> (f64, u64) {
     let mut g = Churn::new(layout, seed);
     let a0 = ALLOCS.load(Ordering::Relaxed);
-    let t = Instant::now();
+    let t = cpu_time();
     for _ in 0..n {
         let op = g.next();
         let a = rdtsc();
@@ -825,7 +833,7 @@ fn churn<S: Store>(
             samples.push(b - a);
         }
     }
-    let secs = t.elapsed().as_secs_f64();
+    let secs = cpu_time() - t;
     (secs, ALLOCS.load(Ordering::Relaxed) - a0)
 }
 
@@ -1004,8 +1012,20 @@ fn w2(rep: &mut Report) {
                 0.25,
                 false,
             );
-            rep.goal("W2", "updates per second (M)", 1e3 / pns, 5.0, true);
-            rep.goal("W2", "pagenc / B1 time per call", pns / b1ns, 1.5, false);
+            rep.goal(
+                "W2",
+                "updates per second, M (research doc)",
+                1e3 / pns,
+                5.0,
+                true,
+            );
+            rep.goal(
+                "W2",
+                "pagenc / B1 time per call (research doc)",
+                pns / b1ns,
+                1.5,
+                false,
+            );
         } else {
             rep.goal(
                 w,
@@ -1061,7 +1081,7 @@ fn w2(rep: &mut Report) {
     );
     rep.goal(
         "W2",
-        "allocations per call in steady state",
+        "allocations per call in steady state (research doc)",
         get("300", "pagenc", 11),
         0.01,
         false,
@@ -1135,9 +1155,9 @@ fn best<R>(reps: usize, mut f: impl FnMut() -> R) -> (f64, R) {
     let mut t = f64::MAX;
     let mut r = None;
     for _ in 0..reps {
-        let s = Instant::now();
+        let s = cpu_time();
         r = Some(black_box(f()));
-        t = t.min(s.elapsed().as_secs_f64());
+        t = t.min(cpu_time() - s);
     }
     (t, r.expect("reps >= 1"))
 }
@@ -1290,7 +1310,7 @@ fn w3(rep: &mut Report) {
                         i += 1;
                         false
                     });
-                    let t = Instant::now();
+                    let t = cpu_time();
                     let mut hits = 0u64;
                     let mut bad = 0u64;
                     for &(bi, g) in &sample {
@@ -1298,7 +1318,7 @@ fn w3(rep: &mut Report) {
                         hits += v as u64;
                         bad += (v != b0_query(&b.b0, bi, g)) as u64;
                     }
-                    let ns = t.elapsed().as_secs_f64() * 1e9 / sample.len().max(1) as f64;
+                    let ns = (cpu_time() - t) * 1e9 / sample.len().max(1) as f64;
                     black_box(hits);
                     rep.check(bad == 0, || {
                         format!("W3 {name} {pct}%: B2 disagrees with B0 on {bad} sampled pages")
@@ -1309,11 +1329,13 @@ fn w3(rep: &mut Report) {
             };
             let (pn, b0n, nulln) = (p_t * 1e9 / q, b0_t * 1e9 / q, null_t * 1e9 / q);
             let ratio = pn / b0n;
+            // The absolute budget is for the lookup itself, on top of QEMU's own loop.
+            let net = (pn - nulln).max(0.0);
             worst_ratio = worst_ratio.max(ratio);
-            worst_abs = worst_abs.max(pn);
+            worst_abs = worst_abs.max(net);
             if !name.starts_with("hostile") {
                 worst_typical_ratio = worst_typical_ratio.max(ratio);
-                worst_typical_abs = worst_typical_abs.max(pn);
+                worst_typical_abs = worst_typical_abs.max(net);
                 if *pct == 1 {
                     seek_1pct = seek_1pct.max(pn);
                 }
@@ -1368,7 +1390,7 @@ fn w3(rep: &mut Report) {
     );
     rep.goal(
         "W3",
-        "cursor ns per page, typical lists (worst)",
+        "cursor ns per page beyond the loop, typical lists (worst)",
         worst_typical_abs,
         3.2,
         false,
@@ -1382,14 +1404,14 @@ fn w3(rep: &mut Report) {
     );
     rep.goal(
         "W3",
-        "cursor ns per page, all lists incl. hostile (worst)",
+        "cursor ns per page beyond the loop, all lists incl. hostile (worst)",
         worst_abs,
         3.2,
         false,
     );
     rep.goal(
         "W3",
-        "sparse 1% seek, ns per queried page (worst typical)",
+        "sparse 1% seek, ns per queried page (worst typical; research doc)",
         seek_1pct,
         20.0,
         false,
@@ -1397,7 +1419,7 @@ fn w3(rep: &mut Report) {
     if let Some(m) = b1_over.iter().cloned().reduce(f64::min) {
         rep.goal(
             "W3",
-            "B1 point lookup / cursor (expected ~10x; min over configs)",
+            "B1 point lookup / cursor (expected ~10x; min over configs; informational)",
             m,
             10.0,
             true,
@@ -1463,7 +1485,7 @@ fn run_hostile<S: Store>(
 ) -> (f64, u64, u64) {
     let mut max = 0u64;
     let mut n = 0u64;
-    let t = Instant::now();
+    let t = cpu_time();
     for op in ops {
         let a = rdtsc();
         s.apply(layout, op.gfn, op.n, op.shared);
@@ -1474,7 +1496,7 @@ fn run_hostile<S: Store>(
         }
         n += 1;
     }
-    (t.elapsed().as_secs_f64(), max, n)
+    (cpu_time() - t, max, n)
 }
 
 /// A hash of the shared ranges, streamed (1 TiB guests have 10^8 ranges: no vectors).
@@ -1683,23 +1705,29 @@ fn w4(rep: &mut Report) {
     );
     rep.goal(
         "W4",
-        "slowest single call / Bexit(measured)",
+        "slowest single call / Bexit(measured) (research doc)",
         worst_max_call / rep.bexit_ns,
         1.0,
         false,
     );
     rep.goal(
         "W4",
-        "slowest single call / Bexit(2530 cycles)",
+        "slowest single call / Bexit(2530 cycles) (research doc)",
         worst_max_call / rep.bexit_const_ns,
         1.0,
         false,
     );
-    rep.goal("W4", "random lookup / B0 (worst)", worst_lookup, 2.0, false);
+    rep.goal(
+        "W4",
+        "random lookup / B0 (worst) (research doc)",
+        worst_lookup,
+        2.0,
+        false,
+    );
     if build_2m.is_finite() {
         rep.goal(
             "W4",
-            "building 2M fragments (16 GiB alternate), s",
+            "building 2M fragments (16 GiB alternate), s (research doc)",
             build_2m,
             1.0,
             false,
@@ -2023,14 +2051,120 @@ fn w5(rep: &mut Report) -> Vec<W5Series> {
 // W6: stream save/load
 
 fn w6(rep: &mut Report) {
-    println!("\n== W6 stream save/load: not run (pagenc::stream::save_to_vec/load are not in the tree yet)");
-    rep.sections.push((
-        "w6".into(),
-        J::O(vec![(
-            "status".into(),
-            J::S("not run: pagenc::stream::{save_to_vec, load} not available".into()),
-        )]),
-    ));
+    let pages = if rep.quick { GIB } else { 16 * GIB };
+    let layout = layout_for(pages);
+    let mut lists: Vec<(String, Vec<Op>)> = [300u64, 100_000]
+        .iter()
+        .filter(|&&n| !rep.quick || n <= 10_000 || n == 100_000)
+        .map(|&n| {
+            (
+                n.to_string(),
+                random_ranges(&layout, layout.pages(), n, 64, 77 + n),
+            )
+        })
+        .collect();
+    let hostile: Vec<Op> = layout
+        .ranges()
+        .iter()
+        .flat_map(|r| (r.start..r.end).step_by(2))
+        .map(|g| Op {
+            gfn: g,
+            n: 1,
+            shared: true,
+        })
+        .collect();
+    lists.push((format!("hostile {}", hostile.len()), hostile));
+    let mut rows = Vec::new();
+    let (mut worst_load, mut worst_save, mut worst_bpr) = (f64::MAX, f64::MAX, 0.0f64);
+    let mut hostile_vs_bitmap = f64::NAN;
+    for (name, ops) in &lists {
+        let mut src = Pagenc::new(layout.clone());
+        build(&mut src, &layout, ops);
+        let ranges = src.ranges();
+        let n = ranges.len() as f64;
+        let (save_t, bytes) = best(3, || pagenc::stream::save_to_vec(&src.t).expect("save"));
+        let dst = Pagenc::new(layout.clone());
+        let (load_t, ()) = best(3, || pagenc::stream::load(&dst.t, &bytes).expect("load"));
+        let (dec_t, _) = best(3, || {
+            pagenc::stream::decode(&layout, &bytes).expect("decode")
+        });
+        rep.same_ranges(
+            &format!("W6 {name}"),
+            &[("source", ranges.clone()), ("loaded", dst.ranges())],
+        );
+        // A corrupted stream must be refused or give some valid map, never panic.
+        let mut bad = bytes.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x5a;
+        let probe = Pagenc::new(layout.clone());
+        let _ = pagenc::stream::load(&probe.t, &bad);
+        bad.truncate(bad.len() - 1);
+        rep.check(pagenc::stream::load(&probe.t, &bad).is_err(), || {
+            format!("W6 {name}: a truncated stream was accepted")
+        });
+        let bitmap = pages / 8;
+        let amd = 12.0 * n + 4.0;
+        let bpr = bytes.len() as f64 / n;
+        worst_load = worst_load.min(n / load_t / 1e6);
+        worst_save = worst_save.min(n / save_t / 1e6);
+        worst_bpr = worst_bpr.max(bpr);
+        if name.starts_with("hostile") {
+            hostile_vs_bitmap = bytes.len() as f64 / (bitmap as f64 + 56.0);
+        }
+        rows.push(vec![
+            name.clone(),
+            ranges.len().to_string(),
+            bytes.len().to_string(),
+            f(bpr),
+            f(amd),
+            bitmap.to_string(),
+            f(save_t * 1e3),
+            f(n / save_t / 1e6),
+            f(dec_t * 1e3),
+            f(load_t * 1e3),
+            f(n / load_t / 1e6),
+        ]);
+    }
+    rep.table(
+        "w6",
+        &format!(
+            "W6 stream save/load on a {} guest (save_to_vec; load = decode with full validation + replace; AMD = its be32 CONT/start/end format, 12 B/range)",
+            fmt_gib(pages)
+        ),
+        &[
+            "list", "ranges", "bytes", "B/range", "AMD_bytes", "bitmap_bytes", "save_ms",
+            "save_Mranges/s", "decode_ms", "load_ms", "load_Mranges/s",
+        ],
+        &rows,
+    );
+    rep.goal(
+        "W6",
+        "load with full validation, M ranges/s (slowest list)",
+        worst_load,
+        20.0,
+        true,
+    );
+    rep.goal(
+        "W6",
+        "stream bytes per range (worst list)",
+        worst_bpr,
+        16.0,
+        false,
+    );
+    rep.goal(
+        "W6",
+        "save, M ranges/s (slowest list; research doc)",
+        worst_save,
+        50.0,
+        true,
+    );
+    rep.goal(
+        "W6",
+        "hostile stream / (bitmap + header) (research doc)",
+        hostile_vs_bitmap,
+        1.0,
+        false,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2343,7 +2477,7 @@ fn scaling(rep: &mut Report, w5_series: &[W5Series]) -> Vec<(String, String)> {
     if last >= 2 {
         rep.goal(
             "scaling",
-            "pagenc random lookup growth per 100x ranges (worst)",
+            "pagenc random lookup growth per 100x ranges (worst; research doc)",
             (2..=last)
                 .map(|i| get(&by_ranges, i, "pagenc", 0) / get(&by_ranges, i - 2, "pagenc", 0))
                 .fold(0.0, f64::max),
@@ -2359,7 +2493,7 @@ fn scaling(rep: &mut Report, w5_series: &[W5Series]) -> Vec<(String, String)> {
     let typical: Vec<f64> = scans.iter().take(4).cloned().collect();
     rep.goal(
         "scaling",
-        "pagenc cursor ns/page, max/min over guest sizes (flat)",
+        "pagenc cursor ns/page, max/min over guest sizes (flat; research doc)",
         by_size
             .iter()
             .enumerate()
@@ -2484,6 +2618,36 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
+    if only.as_deref() == Some("micro") {
+        // Profiling aid: the W3 cursor over 1e5 ranges at 1 % dirty, in a loop.
+        let layout = layout_for(16 * GIB);
+        let mut p = Pagenc::new(layout.clone());
+        build(
+            &mut p,
+            &layout,
+            &random_ranges(&layout, layout.pages(), 100_000, 256, 100_000),
+        );
+        let d = make_dirty(&layout, 1, 1);
+        let (t, _) = best(200, || {
+            let mut c = CursorState::new();
+            scan(&d, |_, g| pagenc_cursor_shared(&mut c, &p.t, g))
+        });
+        println!("micro: {} ns per queried page", f(t * 1e9 / d.count as f64));
+        return;
+    }
+    if only.as_deref() == Some("micro-churn") {
+        // Profiling aid: the W2 hypercall path, 300 base ranges.
+        let layout = layout_for(16 * GIB);
+        let mut p = Pagenc::new(layout.clone());
+        build(
+            &mut p,
+            &layout,
+            &random_ranges(&layout, layout.pages() / 2, 300, 16, 307),
+        );
+        let (secs, _) = churn(&mut p, &layout, 399, 5_000_000, &mut Vec::new());
+        println!("micro-churn: {} ns per call", f(secs * 1e9 / 5e6));
+        return;
+    }
     bexit(&mut rep);
     if run("w1") {
         w1(&mut rep);
