@@ -129,7 +129,12 @@ shopt -u nullglob
 series_sum=$( (echo "$QEMU_DEB_VERSION"; git_q rev-parse pagenc-workaround
                if [ ${#series[@]} -gt 0 ]; then cat "${series[@]}"; fi) | sha256sum | cut -d' ' -f1)
 stamp=$SRC/.git/pagenc-series.sha256
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$series_sum" ] && git_q diff --quiet HEAD; then
+if ! git_q diff --quiet HEAD && [ "${PAGENC_QEMU_DISCARD:-0}" != 1 ]; then
+    die "build/qemu-src has uncommitted changes: commit them and regenerate the series
+    (git -C build/qemu-src format-patch -o qemu-patches pagenc-workaround..), or rerun with
+    PAGENC_QEMU_DISCARD=1 to throw them away"
+fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$series_sum" ]; then
     say "patch: series unchanged (${#series[@]} patches), skipped"
 else
     if [ ! -d "$AMTREE" ]; then
