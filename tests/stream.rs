@@ -808,3 +808,31 @@ fn hostile_maps_stay_within_a_bitmap_of_ram() {
         assert!(map.shared_ranges().eq(t.shared_ranges().unwrap()));
     }
 }
+
+#[test]
+fn a_failing_writer_gives_an_io_error() {
+    struct Broken;
+    impl std::io::Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("socket closed"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (_, src) = small_source();
+    let e = stream::save(&src, &mut Broken).unwrap_err();
+    assert_eq!(e.kind(), StreamErrorKind::Io);
+    assert!(e.to_string().contains("socket closed"), "{e}");
+    // The lower-level encoder writes what encode_to_vec returns.
+    let mut out = Vec::new();
+    let n = src
+        .with_map(|map, msr| stream::encode(map, msr, &mut out))
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, out.len());
+    assert_eq!(out, stream::save_to_vec(&src).unwrap());
+    // 3000 single pages as range records would take at least 3 bytes each: the hostile chunk
+    // must have gone out as a bitmap.
+    assert!(out.len() < 3 * 3000, "{} bytes", out.len());
+}
