@@ -642,10 +642,24 @@ fn send_round(tx: &mut Sender<'_>, slots: &[usize], round: usize, hooks: &mut Ho
     report.pages_sent += slots.len();
 }
 
-/// The list and MSR value through the stream codec.
-fn send_list(src: &Tracker, dst: &Tracker) {
+/// The list and MSR value through the stream codec. A damaged copy is offered first: it must be
+/// refused and leave the destination exactly as it was (no change, no readiness callback).
+fn send_list(src: &Tracker, dst: &Vm) {
     let bytes = pagenc::stream::save_to_vec(src).expect("saving the source's list");
-    pagenc::stream::load(dst, &bytes).expect("loading the list on the destination");
+    let before = (
+        dst.tracker.shared_ranges().unwrap(),
+        dst.tracker.rdmsr(MSR_KVM_MIGRATION_CONTROL).unwrap(),
+        dst.readiness.lock().unwrap().len(),
+    );
+    let damaged = &bytes[..bytes.len() - 1];
+    assert!(pagenc::stream::load(&dst.tracker, damaged).is_err());
+    let after = (
+        dst.tracker.shared_ranges().unwrap(),
+        dst.tracker.rdmsr(MSR_KVM_MIGRATION_CONTROL).unwrap(),
+        dst.readiness.lock().unwrap().len(),
+    );
+    assert_eq!(after, before, "a refused load changed the destination");
+    pagenc::stream::load(&dst.tracker, &bytes).expect("loading the list on the destination");
 }
 
 /// Migrates the guest from `src` to `dst`, its vCPUs running on `src` during pre-copy.
@@ -742,7 +756,7 @@ fn migrate(src: &Vm, dst: &Vm, guest: &mut Guest, opts: Opts, mut hooks: Hooks<'
     // Stop-and-copy: the last dirty pages, then the list.
     let last = src.dirty.take();
     send_round(&mut tx, &last, opts.rounds + 1, &mut hooks);
-    send_list(&src.tracker, &dst.tracker);
+    send_list(&src.tracker, dst);
     src.tracker.set_change_callback(None).unwrap();
     tx.report
 }
