@@ -325,9 +325,6 @@ struct Pending {
     npages: u64,
     attrs: u64,
     state: CallState,
-    /// A guest that follows the rule rewrites the pages after the call; an in-place conversion
-    /// (negative test) expects the content it wrote before the call to be there.
-    fill_after: bool,
     /// First slot and number of slots the call covers.
     slots: (usize, usize),
 }
@@ -367,23 +364,20 @@ fn fill(vm: &Vm, rng: &mut Rng, pages: &mut [GuestPage], base: usize, first: usi
 fn resume(vm: &Vm, cpu: &mut Vcpu, pages: &mut [GuestPage]) {
     let Some(p) = cpu.pending.take() else { return };
     if p.state == CallState::Handled {
+        // The VMMCALL runs again. The source already handled it: same range, same state, and
+        // the destination's list already has it. Nothing may flip.
         let out = vm
             .tracker
             .map_gpa_range(p.gpa, p.npages, p.attrs)
             .expect("the guest's own MAP_GPA_RANGE is valid");
-        if p.state == CallState::Handled {
-            // The replay of an exit the source already handled: same range, same state, and
-            // the destination's list already has it. Nothing may flip.
-            assert_eq!(
-                out.summary.flipped, 0,
-                "replayed MAP_GPA_RANGE {p:?} flipped pages on the destination"
-            );
-        }
+        assert_eq!(
+            out.summary.flipped, 0,
+            "replayed MAP_GPA_RANGE {p:?} flipped pages on the destination"
+        );
     }
-    if p.fill_after {
-        let (first, n) = p.slots;
-        fill(vm, &mut cpu.rng, pages, cpu.region.0, first, n);
-    }
+    // Past the hypercall, the guest writes the converted pages (the rule).
+    let (first, n) = p.slots;
+    fill(vm, &mut cpu.rng, pages, cpu.region.0, first, n);
 }
 
 /// One guest step. Returns after the step or when stopped in the middle of a conversion.
@@ -431,7 +425,6 @@ fn guest_step(vm: &Vm, cpu: &mut Vcpu, pages: &mut [GuestPage], stop: &AtomicBoo
                     npages,
                     attrs,
                     state: CallState::Handled,
-                    fill_after: true,
                     slots: (first, n),
                 });
                 return;
@@ -858,6 +851,8 @@ fn sev_migration_keeps_every_page_across_hops() {
     }
     // The simulation must have exercised what it claims to (not timing: counts of work done).
     assert!(total.guest_ops > 0, "the guest never ran during pre-copy");
+    // Every stop kicks each vCPU inside a MAP_GPA_RANGE exit with probability 1/2 (seeded).
+    assert!(total.pending_at_stop > 0, "no vCPU was stopped inside an exit");
     eprintln!(
         "sev_sim: {SEEDS} seeds x {HOPS} hops: {} pages sent ({} of them the wrong way because \
          the page flipped while it was sent, repaired later), {} guest steps during pre-copy, \
@@ -1110,7 +1105,6 @@ fn hypercall_exit_pending_at_stop_is_harmless_with_or_without_completion() {
                     npages,
                     attrs,
                     state: CallState::Handled,
-                    fill_after: true,
                     slots: (target, 1),
                 });
             })),
