@@ -852,7 +852,10 @@ fn sev_migration_keeps_every_page_across_hops() {
     // The simulation must have exercised what it claims to (not timing: counts of work done).
     assert!(total.guest_ops > 0, "the guest never ran during pre-copy");
     // Every stop kicks each vCPU inside a MAP_GPA_RANGE exit with probability 1/2 (seeded).
-    assert!(total.pending_at_stop > 0, "no vCPU was stopped inside an exit");
+    assert!(
+        total.pending_at_stop > 0,
+        "no vCPU was stopped inside an exit"
+    );
     eprintln!(
         "sev_sim: {SEEDS} seeds x {HOPS} hops: {} pages sent ({} of them the wrong way because \
          the page flipped while it was sent, repaired later), {} guest steps during pre-copy, \
