@@ -110,8 +110,15 @@ class Converter(threading.Thread):
 
 
 class LiveMigration:
+    """One precopy migration of `src` to `uri` with conversions going on.
+
+    The churn heap (default 176-192 MiB) lies outside everything the boot sequence made
+    shared and outside the 16-48 MiB the payload dirties: a page there is sent again only
+    if pagenc's change callback marked it dirty, which is what the resend check relies on.
+    """
+
     def __init__(self, src: Vm, uri: str, *, min_conversions: int = 300,
-                 churn_base: int = 0x09000000, churn_size: int = 16 * MiB, seed: int = 7,
+                 churn_base: int = 0x0B000000, churn_size: int = 16 * MiB, seed: int = 7,
                  timeout: float = 180,
                  on_poll: Optional[Callable[["LiveMigration", dict, dict], None]] = None,
                  on_event: Optional[Callable[[str], None]] = None):

@@ -167,7 +167,7 @@ def test_ping_pong_keeps_the_list_exact(vms):
 
     a2 = vms("a2", incoming=f"unix:{w}/ba.sock")
     lm2 = scenario.LiveMigration(b, f"unix:{w}/ba.sock", min_conversions=100, seed=12,
-                                 churn_base=0x0A000000, timeout=MIGRATION_TIMEOUT)
+                                 churn_base=0x0C000000, timeout=MIGRATION_TIMEOUT)
     lm2.run()
     made += lm2.made
     a2.wait_status("running")
