@@ -532,3 +532,11 @@ def test_live_migration_between_two_qemus(vms, workdir):
     got = dst.pagenc()
     assert ranges(got) == [(0x100000, PAGE), (16 * MiB, 8 * PAGE)]
     assert got["ready"] is True
+
+
+@pytest.mark.skipif(ACCEL != "kvm", reason="only KVM sets up exits at VM creation")
+def test_kvm_object_add_at_runtime_is_refused(vms):
+    q = vms("plain", [])
+    err = q.error("object-add", **{"qom-type": "pagenc", "id": "pe0"})
+    assert "must be created on the command line" in err.desc, err.desc
+    assert "no pagenc object" in q.error("query-pagenc").desc
