@@ -593,6 +593,7 @@ fn w1(rep: &mut Report) {
     let mut all: Vec<u64> = Vec::new();
     let mut headline: Option<(f64, f64)> = None; // (trace µs, B/range) at 16 GiB, 8 vCPU, 240
     let mut worst_vs_b1 = 0.0f64;
+    let mut worst_bpr = 0.0f64;
     for &pages in guests {
         for &v in vcpu_list {
             for possible in [v, 240] {
@@ -650,6 +651,7 @@ fn w1(rep: &mut Report) {
                     headline = Some((pt * 1e6, bpr));
                 }
                 worst_vs_b1 = worst_vs_b1.max(pbytes as f64 / b1b.max(1) as f64);
+                worst_bpr = worst_bpr.max(bpr);
                 let _ = b2b;
                 rows.push(vec![
                     fmt_gib(pages),
@@ -729,6 +731,13 @@ fn w1(rep: &mut Report) {
             false,
         );
     }
+    rep.goal(
+        "W1",
+        "bytes per range, worst config (about 16)",
+        worst_bpr,
+        20.0,
+        false,
+    );
     rep.goal(
         "W1",
         "pagenc bytes / B1 bytes (worst config)",
@@ -1612,7 +1621,7 @@ fn w4(rep: &mut Report) {
             samples.shrink_to_fit();
             let pbytes = pb + pb2;
             let (mut b0, b0b) = measure_bytes(|| B0::new(&layout));
-            let (b0secs, _, _) = run_hostile(
+            let (b0secs, b0max, _) = run_hostile(
                 &mut b0,
                 &layout,
                 hostile_ops(&layout, pattern, toggles),
@@ -1680,6 +1689,7 @@ fn w4(rep: &mut Report) {
                 f(b0l),
                 f(b1l),
                 f(b0secs),
+                f(b0max as f64 / rep.ghz),
                 f(b1secs),
             ]);
             drop(b0);
@@ -1688,11 +1698,11 @@ fn w4(rep: &mut Report) {
     }
     rep.table(
         "w4",
-        "W4 hostile fragmentation (build s = all calls; p50/p99/max ns per call; lookups ns, random RAM pages; B1 skipped at 1 TiB: 10^8 ranges)",
+        "W4 hostile fragmentation (build s = all calls, CPU time; p50/p99/max ns per call, B0_max the same for B0; lookups ns, random RAM pages, lookup_locked through Tracker::state; B1 skipped at 1 TiB: 10^8 ranges)",
         &[
             "guest", "pattern", "calls", "ranges", "build_s", "p50", "p99", "max", "pagenc_B",
             "B0_B", "pagenc/B0", "B1_B", "lookup", "lookup_locked", "B0_lookup", "B1_lookup",
-            "B0_build_s", "B1_build_s",
+            "B0_build_s", "B0_max", "B1_build_s",
         ],
         &rows,
     );
@@ -1968,24 +1978,25 @@ fn w5(rep: &mut Report) -> Vec<W5Series> {
                     r.checked.to_string(),
                     (r.stale + r.torn).to_string(),
                 ]);
-                if C::NAME == "pagenc" && k == *ks.last().expect("non-empty") && disjoint {
+                if C::NAME == "pagenc" && k == *ks.last().expect("non-empty") {
+                    let windows = if disjoint { "disjoint" } else { "overlapping" };
                     rep.goal(
                         "W5",
-                        &format!("throughput at {k} updaters / 1 updater"),
+                        &format!("throughput at {k} updaters / 1 updater, {windows} windows"),
                         u.ops_per_s / base,
                         0.5,
                         true,
                     );
                     rep.goal(
                         "W5",
-                        &format!("reader slowdown with {k} updaters (wall)"),
+                        &format!("reader slowdown with {k} updaters, {windows} (wall, 2 cores)"),
                         slowdown,
                         2.0,
                         false,
                     );
                     rep.goal(
                         "W5",
-                        &format!("reader slowdown with {k} updaters (reader CPU time)"),
+                        &format!("reader slowdown with {k} updaters, {windows} (reader CPU time)"),
                         cpu_slowdown,
                         2.0,
                         false,
