@@ -1219,10 +1219,8 @@ fn w3(rep: &mut Report) {
         .map(|&p| (p, make_dirty(&layout, p, p)))
         .collect();
     let mut rows = Vec::new();
-    let mut worst_ratio: f64 = 0.0;
-    let mut worst_abs: f64 = 0.0;
-    let mut worst_typical_ratio: f64 = 0.0;
-    let mut worst_typical_abs: f64 = 0.0;
+    // Per list: (name, worst cursor/B0 ratio, worst ns beyond the loop) over the dirty fractions.
+    let mut per_list: Vec<(String, f64, f64)> = Vec::new();
     let mut seek_1pct: f64 = 0.0;
     let mut b1_over: Vec<f64> = Vec::new();
     for (name, ops) in &lists {
@@ -1340,14 +1338,15 @@ fn w3(rep: &mut Report) {
             let ratio = pn / b0n;
             // The absolute budget is for the lookup itself, on top of QEMU's own loop.
             let net = (pn - nulln).max(0.0);
-            worst_ratio = worst_ratio.max(ratio);
-            worst_abs = worst_abs.max(net);
-            if !name.starts_with("hostile") {
-                worst_typical_ratio = worst_typical_ratio.max(ratio);
-                worst_typical_abs = worst_typical_abs.max(net);
-                if *pct == 1 {
-                    seek_1pct = seek_1pct.max(pn);
+            match per_list.last_mut() {
+                Some(l) if l.0 == *name => {
+                    l.1 = l.1.max(ratio);
+                    l.2 = l.2.max(net);
                 }
+                _ => per_list.push((name.clone(), ratio, net)),
+            }
+            if !name.starts_with("hostile") && *pct == 1 {
+                seek_1pct = seek_1pct.max(pn);
             }
             if b1_t.is_finite() {
                 b1_over.push(b1_t / pn);
@@ -1390,34 +1389,22 @@ fn w3(rep: &mut Report) {
         ],
         &rows,
     );
-    rep.goal(
-        "W3",
-        "cursor / B0 per page, typical lists (worst)",
-        worst_typical_ratio,
-        1.5,
-        false,
-    );
-    rep.goal(
-        "W3",
-        "cursor ns per page beyond the loop, typical lists (worst)",
-        worst_typical_abs,
-        3.2,
-        false,
-    );
-    rep.goal(
-        "W3",
-        "cursor / B0 per page, all lists incl. hostile (worst)",
-        worst_ratio,
-        1.5,
-        false,
-    );
-    rep.goal(
-        "W3",
-        "cursor ns per page beyond the loop, all lists incl. hostile (worst)",
-        worst_abs,
-        3.2,
-        false,
-    );
+    for (name, ratio, net) in &per_list {
+        rep.goal(
+            "W3",
+            &format!("cursor / B0 per page, {name} ranges (worst dirty fraction)"),
+            *ratio,
+            1.5,
+            false,
+        );
+        rep.goal(
+            "W3",
+            &format!("cursor ns per page beyond the loop, {name} ranges (worst dirty fraction)"),
+            *net,
+            3.2,
+            false,
+        );
+    }
     rep.goal(
         "W3",
         "sparse 1% seek, ns per queried page (worst typical; research doc)",
@@ -2171,9 +2158,9 @@ fn w6(rep: &mut Report) {
     );
     rep.goal(
         "W6",
-        "hostile stream / (bitmap + header) (research doc)",
+        "hostile stream / (bitmap + 56 B header), 1 % allowed for record headers (research doc)",
         hostile_vs_bitmap,
-        1.0,
+        1.01,
         false,
     );
 }
