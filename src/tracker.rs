@@ -40,6 +40,9 @@ pub enum TrackerError {
     },
     /// Called from inside one of this tracker's own callbacks.
     Reentrant,
+    /// [`Tracker::replace`] was given a map built for another RAM layout (the layout changed
+    /// while an incoming list was being decoded).
+    LayoutMismatch,
     /// An earlier call panicked while holding the lock; the map may be inconsistent, so the
     /// tracker refuses to go on.
     Poisoned,
@@ -58,6 +61,11 @@ impl fmt::Display for TrackerError {
                 f,
                 "pagenc was called from inside one of its own callbacks on the same tracker; \
                  callbacks must not call back into the tracker"
+            ),
+            TrackerError::LayoutMismatch => write!(
+                f,
+                "the page list was built for another RAM layout than the tracker's (the layout \
+                 changed while it was loaded); load it again"
             ),
             TrackerError::Poisoned => write!(
                 f,
@@ -404,11 +412,16 @@ impl Tracker {
     }
 
     /// Replaces the map and MSR value at once (an incoming migration). The map must have been
-    /// built against this tracker's layout (see [`Tracker::layout`]). The change callback is not
+    /// built against this tracker's layout (see [`Tracker::layout`]); if the layout changed in
+    /// the meantime nothing is replaced and [`TrackerError::LayoutMismatch`] says so. The
+    /// change callback is not
     /// called: the loaded list is authoritative, there is nothing to re-send. The readiness
     /// callback hears a change of readiness.
     pub fn replace(&self, map: PageMap, msr: u64) -> Result<(), TrackerError> {
         let mut guard = self.lock()?;
+        if map.layout() != guard.map.layout() {
+            return Err(TrackerError::LayoutMismatch);
+        }
         guard.map = map;
         self.bump_generation();
         self.set_msr(&mut guard, msr);

@@ -459,3 +459,18 @@ fn bad_layouts_explain_themselves() {
     ];
     assert!(Layout::new(&many).unwrap_err().to_string().contains("5000"));
 }
+
+#[test]
+fn replace_refuses_a_map_built_for_another_layout() {
+    let t = q35();
+    t.map_gpa_range(0x1000, 1, 0).unwrap();
+    let other = Layout::new(&[RamRange { gpa: 0, size: GIB }]).unwrap();
+    let map = pagenc::core::PageMap::new(other);
+    assert_eq!(t.replace(map, 1), Err(TrackerError::LayoutMismatch));
+    assert_eq!(t.shared_ranges().unwrap(), vec![pr(1, 2)]);
+    assert!(!t.is_ready());
+    let same = pagenc::core::PageMap::new(t.layout().unwrap());
+    t.replace(same, 1).unwrap();
+    assert_eq!(t.shared_ranges().unwrap(), vec![]);
+    assert!(t.is_ready());
+}

@@ -241,6 +241,7 @@ fn tracker_code(e: &TrackerError) -> pagenc_result {
         TrackerError::Guest(_) => pagenc_result::GuestRejected,
         TrackerError::NotOurMsr { .. } => pagenc_result::UnhandledExit,
         TrackerError::Reentrant => pagenc_result::Reentrant,
+        TrackerError::LayoutMismatch => pagenc_result::InvalidLayout,
         TrackerError::Poisoned => pagenc_result::Internal,
     }
 }

@@ -47,8 +47,9 @@ pub fn save(t: &Tracker, out: &mut impl std::io::Write) -> Result<usize, StreamE
 /// Replaces the tracker's map and MSR value with the stream's, all or nothing: on any error the
 /// tracker is left exactly as it was (no callback is called).
 ///
-/// The stream is decoded against the tracker's current layout; the VMM must not change the
-/// layout ([`Tracker::set_layout`]) while a load runs.
+/// The stream is decoded against the tracker's current layout; if the VMM changes the layout
+/// ([`Tracker::set_layout`]) while a load runs, the swap is refused
+/// (`TrackerError::LayoutMismatch`) and the tracker keeps its old map.
 pub fn load(t: &Tracker, bytes: &[u8]) -> Result<(), StreamError> {
     let layout = t.layout()?;
     let (map, msr) = decode(&layout, bytes)?;
