@@ -2457,7 +2457,7 @@ fn scaling(rep: &mut Report, w5_series: &[W5Series]) -> Vec<(String, String)> {
     out.push((
         "scaling_updaters_reader.svg".into(),
         svg::plot(
-            "Reader slowdown vs updater threads",
+            "Reader slowdown (wall clock, 2 cores) vs updater threads",
             "updater threads",
             "slowdown (x)",
             &slow,
