@@ -3,7 +3,7 @@
 PYTHON ?= python3
 CHECK_TARGETS += check-qemu
 
-.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject
+.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject check-qemu-series
 qemu:
 	bash scripts/build-qemu.sh --no-deps
 
@@ -24,3 +24,7 @@ check-meson-subproject:
 
 check-qemu: qemu check-qemu-patches check-meson-subproject
 	PAGENC_REQUIRE_QEMU=1 $(PYTHON) -m pytest -q -ra tests/qemu $(QEMU_TEST_ARGS)
+
+# Slow (a full QEMU build, then one incremental build per patch): every patch builds on its own.
+check-qemu-series: qemu
+	bash scripts/check-qemu-series.sh
