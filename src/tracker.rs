@@ -9,9 +9,9 @@
 //! so the VMM hears changes in the order they happened. A callback must not call back into the
 //! same tracker: such a call fails with [`TrackerError::Reentrant`] instead of deadlocking.
 //!
-//! Readers do not block writers for long: the cursor answers from a cached run without locking
-//! as long as the map's generation number has not moved, and the iterator takes the lock once
-//! per run it returns. Each answer is exact at some instant during the call; a change made after
+//! Readers do not block writers for long: the cursor answers from cached runs without locking
+//! as long as the map's generation number has not moved, and the iterator reads through a
+//! cursor, so it takes the lock once per refill (up to 64 runs), not per run. Each answer is exact at some instant during the call; a change made after
 //! that instant is followed by a change callback, which is what lets the VMM re-send the pages.
 
 use std::fmt;
@@ -595,11 +595,14 @@ impl Cursor<'_> {
 }
 
 /// The position of a run iterator, kept apart from the tracker borrow (see [`CursorState`]).
+/// It reads through a cursor, so a pass takes the lock once per refill of the cursor's window
+/// (up to 64 runs) instead of once per run.
 #[derive(Debug, Clone, Copy)]
 pub struct RunsState {
     next: u64,
     end: u64,
     shared_only: bool,
+    cursor: CursorState,
 }
 
 impl RunsState {
@@ -609,26 +612,21 @@ impl RunsState {
             next: range.start.min(MAX_GFN),
             end: range.end.min(MAX_GFN),
             shared_only,
+            cursor: CursorState::new(),
         }
     }
 
-    /// The next run, taking the lock once; `Ok(None)` at the end.
+    /// The next run, exact when returned (see [`CursorState::query`]); `Ok(None)` at the end.
     pub fn next(&mut self, tracker: &Tracker) -> Result<Option<Run>, TrackerError> {
-        if self.next >= self.end {
-            return Ok(None);
-        }
-        let inner = tracker.lock()?;
-        loop {
-            let mut run = inner.map.run_at(self.next);
+        while self.next < self.end {
+            let mut run = self.cursor.query(tracker, self.next)?;
             run.range.end = run.range.end.min(self.end);
             self.next = run.range.end;
             if !self.shared_only || run.state == PageState::Shared {
                 return Ok(Some(run));
             }
-            if self.next >= self.end {
-                return Ok(None);
-            }
         }
+        Ok(None)
     }
 }
 
