@@ -2633,6 +2633,26 @@ fn main() {
         println!("micro: {} ns per queried page", f(t * 1e9 / d.count as f64));
         return;
     }
+    if only.as_deref() == Some("micro-hostile") {
+        // Profiling aid: the W3 cursor over the hostile every-other-page list at 10 % dirty.
+        let layout = layout_for(16 * GIB);
+        let mut p = Pagenc::new(layout.clone());
+        for r in layout.ranges() {
+            for g in (r.start..r.end).step_by(2) {
+                p.call(g, 1, true);
+            }
+        }
+        let d = make_dirty(&layout, 10, 10);
+        let (t, _) = best(20, || {
+            let mut c = CursorState::new();
+            scan(&d, |_, g| pagenc_cursor_shared(&mut c, &p.t, g))
+        });
+        println!(
+            "micro-hostile: {} ns per queried page",
+            f(t * 1e9 / d.count as f64)
+        );
+        return;
+    }
     if only.as_deref() == Some("micro-churn") {
         // Profiling aid: the W2 hypercall path, 300 base ranges.
         let layout = layout_for(16 * GIB);
