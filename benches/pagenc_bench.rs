@@ -2636,7 +2636,7 @@ fn main() {
     if only.as_deref() == Some("micro-hostile") {
         // Profiling aid: the W3 cursor over the hostile every-other-page list at 10 % dirty.
         let layout = layout_for(16 * GIB);
-        let mut p = Pagenc::new(layout.clone());
+        let p = Pagenc::new(layout.clone());
         for r in layout.ranges() {
             for g in (r.start..r.end).step_by(2) {
                 p.call(g, 1, true);
