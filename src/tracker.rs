@@ -18,7 +18,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::core::{Layout, PageMap, PageRange, PageState, Run, UpdateSummary, MAX_GFN, PAGE_SHIFT};
+use crate::core::{
+    Layout, PageMap, PageRange, PageState, Run, UpdateSummary, BITMAP_WORDS, MAX_GFN, PAGE_SHIFT,
+};
 use crate::hypercall::{self, HypercallError, MapRequest, RejectReason};
 use crate::kvm::consts::{KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL};
 
@@ -449,9 +451,23 @@ impl Tracker {
 /// runs as well (the RAM loop's queries ascend) makes a refill per 32 runs instead of per run.
 const CURSOR_RUNS: usize = 64;
 
+/// Pages of a bitmap chunk.
+const BITMAP_PAGES: u64 = BITMAP_WORDS as u64 * 64;
+
+/// A copy of one bitmap chunk's words, owned by a cursor: empty (no allocation) until the
+/// cursor first needs it, then `BITMAP_WORDS` long and reused.
+#[derive(Clone, Default)]
+struct BitmapCopy(Box<[u64]>);
+
+impl fmt::Debug for BitmapCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BitmapCopy({} words)", self.0.len())
+    }
+}
+
 /// The state of a cursor, kept apart from the tracker borrow so that the C layer can hold the
 /// tracker by reference count. See [`Cursor`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CursorState {
     generation: u64,
     /// The run the last answer came from.
@@ -468,6 +484,23 @@ pub struct CursorState {
     want: usize,
     /// Steps taken through the window since the last refill.
     steps: usize,
+    /// On a fragmented (bitmap) chunk runs are a page or two long, so walking cached run ends
+    /// costs a refill every few dozen pages. Instead the cursor copies the chunk's words under
+    /// the lock and answers any query inside it with a bit test and a scan for the run end,
+    /// while `generation` holds (the same rule as `ends`).
+    bits: BitmapCopy,
+    /// `BITMAP_PAGES` while the copy is in use (then `ends` is empty), 0 otherwise: one compare
+    /// tells whether a query falls inside it.
+    bits_span: u64,
+    /// First gfn of the copied chunk.
+    bits_base: u64,
+    /// Where the maximal run holding the copied chunk's last page ends (it may run on into the
+    /// next chunks), read under the same lock: the end of any run reaching the chunk's end.
+    bits_tail_end: u64,
+    /// The chunk (gfn >> 15) of the last refill that found a bitmap chunk. The copy is made on
+    /// the second refill in the same chunk, so that queries jumping from chunk to chunk do not
+    /// pay a 4 KiB copy each.
+    bitmap_chunk: u64,
 }
 
 impl Default for CursorState {
@@ -490,12 +523,17 @@ impl CursorState {
             idx: 0,
             want: CURSOR_RUNS,
             steps: 0,
+            bits: BitmapCopy::default(),
+            bits_span: 0,
+            bits_base: 0,
+            bits_tail_end: 0,
+            bitmap_chunk: u64::MAX,
         }
     }
 
     /// The state of `gfn` and where it ends: the returned run starts at `gfn`. O(1) while
     /// queries ascend inside the cached runs and the map does not change; otherwise one lookup.
-    #[inline]
+    #[inline(always)]
     pub fn query(&mut self, tracker: &Tracker, gfn: u64) -> Result<Run, TrackerError> {
         if tracker.generation.load(Ordering::Acquire) == self.generation {
             if self.cached.range.contains(gfn) {
@@ -507,6 +545,11 @@ impl CursorState {
                     state: self.cached.state,
                 });
             }
+            if gfn.wrapping_sub(self.bits_base) < self.bits_span {
+                self.cached = bits_run(&self.bits.0, self.bits_base, self.bits_tail_end, gfn);
+                return Ok(self.cached);
+            }
+            // With the copy in use `ends` is empty and `advance` finds nothing.
             if gfn >= self.cached.range.end && self.advance(gfn) {
                 return Ok(Run {
                     range: PageRange {
@@ -553,7 +596,11 @@ impl CursorState {
         let gfn = gfn.min(MAX_GFN - 1);
         let inner = tracker.lock()?;
         let generation = tracker.generation.load(Ordering::Acquire);
-        if generation == self.generation && self.len > 0 && gfn >= self.ends[self.len - 1] {
+        if generation == self.generation
+            && self.bits_span == 0
+            && self.len > 0
+            && gfn >= self.ends[self.len - 1]
+        {
             // Ran off the end of the window (not a change of the map): adapt its size.
             if self.steps == 0 {
                 self.want = (self.want / 2).max(1);
@@ -563,6 +610,28 @@ impl CursorState {
         }
         // Writers bump the generation under the lock, so this pairs exactly with the map read.
         self.generation = generation;
+        self.bits_span = 0;
+        if let Some((base, words)) = inner.map.bitmap_words(gfn) {
+            let chunk = gfn / BITMAP_PAGES;
+            if self.bitmap_chunk == chunk {
+                let tail_end = inner.map.run_at(base + BITMAP_PAGES - 1).range.end;
+                self.cached = bits_run(words, base, tail_end, gfn);
+                if self.bits.0.len() == BITMAP_WORDS {
+                    self.bits.0.copy_from_slice(words);
+                } else {
+                    self.bits = BitmapCopy(words.to_vec().into_boxed_slice());
+                }
+                drop(inner);
+                self.bits_span = BITMAP_PAGES;
+                self.bits_base = base;
+                self.bits_tail_end = tail_end;
+                self.len = 0;
+                self.idx = 0;
+                self.steps = 0;
+                return Ok(self.cached);
+            }
+            self.bitmap_chunk = chunk;
+        }
         let (state, len) = inner.map.runs_from(gfn, &mut self.ends[..self.want]);
         self.len = len;
         self.idx = 0;
@@ -575,6 +644,39 @@ impl CursorState {
             state,
         };
         Ok(self.cached)
+    }
+}
+
+/// The maximal run from `gfn` on, answered from a copy of the bitmap chunk starting at `base`
+/// (`base <= gfn < base + BITMAP_PAGES`); `tail_end` is where the run holding the chunk's last
+/// page ends.
+#[inline]
+fn bits_run(words: &[u64], base: u64, tail_end: u64, gfn: u64) -> Run {
+    let off = (gfn - base) as usize;
+    let mut w = off / 64;
+    let first = words.get(w).copied().unwrap_or(0);
+    let shared = first >> (off % 64) & 1 != 0;
+    // The run ends at the first bit after `off` that differs from `shared`.
+    let flip = if shared { !0u64 } else { 0 };
+    let mut x = (first ^ flip) & (!0u64 << (off % 64));
+    let end = loop {
+        if x != 0 {
+            break base + (w * 64) as u64 + x.trailing_zeros() as u64;
+        }
+        w += 1;
+        match words.get(w) {
+            Some(&next) => x = next ^ flip,
+            // The run reaches the chunk's end, so it is the run of the chunk's last page.
+            None => break tail_end,
+        }
+    };
+    Run {
+        range: PageRange { start: gfn, end },
+        state: if shared {
+            PageState::Shared
+        } else {
+            PageState::Encrypted
+        },
     }
 }
 
@@ -597,7 +699,7 @@ impl Cursor<'_> {
 /// The position of a run iterator, kept apart from the tracker borrow (see [`CursorState`]).
 /// It reads through a cursor, so a pass takes the lock once per refill of the cursor's window
 /// (up to 64 runs) instead of once per run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunsState {
     next: u64,
     end: u64,

@@ -343,3 +343,182 @@ fn ordinary_layout_costs_about_16_bytes_a_range_or_less() {
         "{per_range} bytes per range over {ranges} ranges"
     );
 }
+
+/// Per-page run ends of the model, computed backwards in one pass (the cursor tests below ask
+/// for tens of thousands of run ends; `Model::run_end` walks each run).
+fn model_run_ends(model: &Model) -> Vec<u64> {
+    let n = model.shared.len();
+    let mut ends = vec![0u64; n];
+    for g in (0..n).rev() {
+        ends[g] = if g + 1 == n {
+            if model.shared[g] {
+                n as u64
+            } else {
+                MAX_GFN
+            }
+        } else if model.shared[g + 1] == model.shared[g] {
+            ends[g + 1]
+        } else {
+            g as u64 + 1
+        };
+    }
+    ends
+}
+
+/// Updates for the bitmap-chunk cursor test: fragmentation (single pages with gaps, enough of
+/// them to turn a chunk into a bitmap), big ranges, and shared runs across a chunk border.
+#[derive(Debug, Clone)]
+enum FragOp {
+    Set(u64, u64, bool),
+    /// Every `step + 1`-th page from `start`, `n` pages, shared or not.
+    Fragment(u64, u64, u64, bool),
+    /// Shared `[c * CHUNK - before, c * CHUNK + after)`: a run leaving a (possibly bitmap)
+    /// chunk into the next one.
+    Border(u64, u64, u64),
+}
+
+fn frag_op_strategy() -> impl Strategy<Value = FragOp> {
+    prop_oneof![
+        3 => (0..LIMIT, 1..2 * CHUNK, any::<bool>()).prop_map(|(s, n, sh)| FragOp::Set(s, n, sh)),
+        3 => (0..LIMIT, 1..64u64, any::<bool>()).prop_map(|(s, n, sh)| FragOp::Set(s, n, sh)),
+        4 => (0..LIMIT, 1..4u64, 1100..4000u64, any::<bool>())
+            .prop_map(|(s, step, n, sh)| FragOp::Fragment(s, step, n, sh)),
+        3 => (1..LIMIT / CHUNK, 1..200u64, 1..(CHUNK + 100))
+            .prop_map(|(c, before, after)| FragOp::Border(c, before, after)),
+    ]
+}
+
+/// How the cursor test orders its queries.
+#[derive(Debug, Clone)]
+enum Walk {
+    Ascending(u64),
+    Descending(u64),
+    /// Ascending with a varying stride, as the RAM loop over a dirty bitmap.
+    Strides(Vec<u64>),
+    Random(Vec<u64>),
+}
+
+fn walk_strategy() -> impl Strategy<Value = Walk> {
+    prop_oneof![
+        (1..4000u64).prop_map(Walk::Ascending),
+        (1..4000u64).prop_map(Walk::Descending),
+        proptest::collection::vec(1..4000u64, 1..64).prop_map(Walk::Strides),
+        proptest::collection::vec(0..LIMIT + 10, 1..2000).prop_map(Walk::Random),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The cursor over maps with bitmap chunks (where it answers from a copy of the chunk's
+    /// words): every answer's state and run end must match the per-page model, including runs
+    /// that leave a bitmap chunk into a full or run-form chunk, in any query order.
+    #[test]
+    fn tracker_cursor_over_bitmap_chunks_matches_model(
+        whole in any::<bool>(),
+        ram in layout_strategy(),
+        first_chunk in 0..LIMIT / CHUNK,
+        ops in proptest::collection::vec(frag_op_strategy(), 0..12),
+        walks in proptest::collection::vec(walk_strategy(), 1..4),
+    ) {
+        let ram = if whole {
+            vec![RamRange { gpa: 0, size: LIMIT << PAGE_SHIFT }]
+        } else {
+            ram
+        };
+        let layout = Layout::new(&ram).unwrap();
+        let tracker = Tracker::new(layout.clone());
+        let mut model = Model::new(&layout, LIMIT);
+        let mut apply = |s: u64, n: u64, sh: bool| -> Result<(), TestCaseError> {
+            let attrs = if sh { 0 } else { 0x10 };
+            let out = tracker.map_gpa_range(s << PAGE_SHIFT, n, attrs).unwrap();
+            let st = if sh { PageState::Shared } else { PageState::Encrypted };
+            let (flipped, _) = model.set(PageRange { start: s, end: s + n }, st);
+            prop_assert_eq!(out.summary.flipped, flipped);
+            Ok(())
+        };
+        // Start from a chunk fragmented into more than 1024 runs wherever it is RAM.
+        for i in 0..CHUNK / 2 {
+            apply(first_chunk * CHUNK + 2 * i, 1, true)?;
+        }
+        for op in ops {
+            match op {
+                FragOp::Set(s, n, sh) => apply(s, n, sh)?,
+                FragOp::Fragment(s, step, n, sh) => {
+                    for i in 0..n {
+                        apply(s + i * (step + 1), 1, sh)?;
+                    }
+                }
+                FragOp::Border(c, before, after) => apply(c * CHUNK - before, before + after, true)?,
+            }
+        }
+        let ends = model_run_ends(&model);
+        let want = |g: u64| -> (PageState, u64) {
+            if g < LIMIT {
+                (model.state(g), ends[g as usize])
+            } else {
+                (PageState::Encrypted, MAX_GFN)
+            }
+        };
+        let queries = |w: &Walk| -> Vec<u64> {
+            match w {
+                Walk::Ascending(s) => (0..LIMIT).step_by(*s as usize).collect(),
+                Walk::Descending(s) => (0..LIMIT).rev().step_by(*s as usize).collect(),
+                Walk::Strides(v) => {
+                    let mut out = vec![];
+                    let mut g = 0;
+                    for s in v.iter().cycle() {
+                        if g >= LIMIT {
+                            break;
+                        }
+                        out.push(g);
+                        g += s;
+                    }
+                    out
+                }
+                Walk::Random(v) => v.clone(),
+            }
+        };
+        // One cursor for all walks: later walks start from whatever the earlier ones cached.
+        let mut cur = CursorState::new();
+        for w in &walks {
+            for g in queries(w) {
+                let run = cur.query(&tracker, g).unwrap();
+                prop_assert_eq!(run.range.start, g);
+                prop_assert_eq!((run.state, run.range.end), want(g), "gfn {} in {:?}", g, w);
+            }
+        }
+        // The run iterator reads through the same cursor code.
+        let mut pos = 0;
+        for run in tracker.runs(PageRange { start: 0, end: LIMIT }, false) {
+            let run = run.unwrap();
+            prop_assert_eq!(run.range.start, pos);
+            prop_assert_eq!((run.state, run.range.end), (want(pos).0, want(pos).1.min(LIMIT)));
+            pos = run.range.end;
+        }
+        prop_assert_eq!(pos, LIMIT);
+    }
+}
+
+#[test]
+fn the_bitmap_test_maps_really_hold_bitmap_chunks() {
+    // The cursor test above relies on its first fragmentation making a bitmap chunk.
+    let layout = Layout::new(&[RamRange {
+        gpa: 0,
+        size: LIMIT << PAGE_SHIFT,
+    }])
+    .unwrap();
+    let tracker = Tracker::new(layout);
+    for i in 0..CHUNK / 2 {
+        tracker
+            .map_gpa_range((CHUNK + 2 * i) << PAGE_SHIFT, 1, 0)
+            .unwrap();
+    }
+    let words = tracker
+        .with_map(|m, _| m.bitmap_words(CHUNK + 77).map(|(base, w)| (base, w[0])))
+        .unwrap();
+    assert_eq!(words, Some((CHUNK, 0x5555_5555_5555_5555)));
+    assert!(tracker
+        .with_map(|m, _| m.bitmap_words(0).is_none())
+        .unwrap());
+}

@@ -474,3 +474,76 @@ fn replace_refuses_a_map_built_for_another_layout() {
     assert_eq!(t.shared_ranges().unwrap(), vec![]);
     assert!(t.is_ready());
 }
+
+#[test]
+fn a_change_invalidates_the_cursors_copy_of_a_bitmap_chunk() {
+    // Over a fragmented (bitmap) chunk the cursor answers from a copy of the chunk's words. A
+    // writer thread changes the map between the reader's walks (pattern swaps with `replace`,
+    // single-page flips through the hypercall path); the reader keeps one cursor throughout and
+    // must see every change at once, to the exact run end, including a run that leaves the
+    // chunk into a full chunk.
+    const CHUNK: u64 = 1 << 15;
+    let t = Arc::new(q35());
+    let layout = t.with_map(|m, _| m.layout().clone()).unwrap();
+    // Pattern k: in chunk 1, pages with offset % (k + 2) == 0 shared; chunk 2 fully shared
+    // when k is odd, so the run at the end of chunk 1 continues into it.
+    let pattern = move |k: u64| {
+        let mut m = pagenc::core::PageMap::new(layout.clone());
+        for off in (0..CHUNK).step_by(k as usize + 2) {
+            m.set(
+                pr(CHUNK + off, CHUNK + off + 1),
+                PageState::Shared,
+                &mut |_| {},
+            );
+        }
+        if k % 2 == 1 {
+            m.set(
+                pr(CHUNK - 1 + CHUNK, 3 * CHUNK),
+                PageState::Shared,
+                &mut |_| {},
+            );
+        }
+        m
+    };
+    assert!(pattern(0).bitmap_words(CHUNK).is_some());
+    let (to_reader, from_writer) = std::sync::mpsc::channel::<Vec<(u64, PageState, u64)>>();
+    let (to_writer, from_reader) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let t = t.clone();
+        std::thread::spawn(move || {
+            for k in 0..6u64 {
+                let m = pattern(k);
+                t.replace(m.clone(), 0).unwrap();
+                let mut expect = vec![];
+                // Flip one page the reader's copy has cached (from the previous round).
+                let g = CHUNK + 1 + k;
+                let shared_now = m.state(g) == PageState::Shared;
+                t.map_gpa_range(g << PAGE_SHIFT, 1, if shared_now { ENC } else { 0 })
+                    .unwrap();
+                let m = t.with_map(|m, _| m.clone()).unwrap();
+                // The flipped page first: the cursor's cached run (from the last walk's final
+                // query, far away) does not hold it, so only the generation can refresh the
+                // copy. Then the chunk up and down, then a page in the middle.
+                let walk = (CHUNK..2 * CHUNK).chain((CHUNK..2 * CHUNK).rev());
+                for g in [g].into_iter().chain(walk).chain([CHUNK + 12345]) {
+                    let run = m.run_at(g);
+                    expect.push((g, run.state, run.range.end));
+                }
+                to_reader.send(expect).unwrap();
+                from_reader.recv().unwrap();
+            }
+        })
+    };
+    let mut c = CursorState::new();
+    let mut rounds = 0;
+    for expect in from_writer {
+        for &(g, state, end) in &expect {
+            let run = c.query(&t, g).unwrap();
+            assert_eq!((run.state, run.range.end), (state, end), "gfn {g:#x}");
+        }
+        rounds += 1;
+        to_writer.send(()).unwrap();
+    }
+    writer.join().unwrap();
+    assert_eq!(rounds, 6);
+}

@@ -16,6 +16,8 @@ pub const CHUNK_SHIFT: u32 = 15;
 /// Pages per chunk.
 pub const CHUNK_PAGES: u32 = 1 << CHUNK_SHIFT;
 const WORDS: usize = (CHUNK_PAGES / 64) as usize;
+/// Words in a bitmap chunk (see [`Chunk::bitmap_words`]).
+pub const BITMAP_WORDS: usize = WORDS;
 /// The most runs a `Runs` chunk holds: 4 bytes each, so at most the size of a bitmap.
 pub const RUNS_MAX: usize = WORDS * 8 / size_of::<Span>();
 /// A bitmap chunk goes back to runs below this many runs (hysteresis, so that a guest toggling
@@ -226,6 +228,16 @@ impl Chunk {
             Chunk::Full => 0,
             Chunk::Runs(r) => r.capacity() * size_of::<Span>(),
             Chunk::Bitmap(_) => size_of::<Bitmap>(),
+        }
+    }
+
+    /// The words of a bitmap chunk (bit `i` of word `w` is offset `64 w + i`, 1 = shared);
+    /// `None` for the other forms. Lets a reader copy a fragmented chunk once and answer from
+    /// the copy with bit tests.
+    pub fn bitmap_words(&self) -> Option<&[u64; WORDS]> {
+        match self {
+            Chunk::Bitmap(b) => Some(&b.words),
+            _ => None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::mem::size_of;
 
-use super::chunk::{Chunk, CHUNK_PAGES, CHUNK_SHIFT};
+use super::chunk::{Chunk, BITMAP_WORDS, CHUNK_PAGES, CHUNK_SHIFT};
 use super::{Layout, PageRange, PageState, Run, MAX_GFN};
 
 /// What one update did.
@@ -311,6 +311,19 @@ impl PageMap {
             }
         }
         (state, n)
+    }
+
+    /// If the chunk holding `gfn` is stored as a bitmap: its first gfn and its words (bit `i`
+    /// of word `w` is page `first + 64 w + i`, 1 = shared). The cursor copies it to answer
+    /// queries over a fragmented chunk with bit tests instead of walking runs of one page.
+    pub fn bitmap_words(&self, gfn: u64) -> Option<(u64, &[u64; BITMAP_WORDS])> {
+        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        match self.chunks.get(i) {
+            Some((c, chunk)) if *c == chunk_of(gfn) => {
+                chunk.bitmap_words().map(|w| (base_of(*c), w))
+            }
+            _ => None,
+        }
     }
 
     /// Is `gfn` encrypted? (Pages outside RAM are.)

@@ -12,6 +12,7 @@ mod chunk;
 mod layout;
 mod map;
 
+pub use chunk::BITMAP_WORDS;
 pub use layout::{Layout, LayoutError, RamRange, MAX_RAM_RANGES};
 pub use map::{BuildError, PageMap, PageMapBuilder, SharedRanges, UpdateSummary};
 
