@@ -173,7 +173,12 @@ impl PageMap {
     fn encrypt(&mut self, r: PageRange, sink: &mut FlipSink<'_>) {
         let (first, last) = (chunk_of(r.start), chunk_of(r.end - 1));
         let lo = self.chunks.partition_point(|(c, _)| *c < first);
-        let hi = self.chunks.partition_point(|(c, _)| *c <= last);
+        let hi = if first == last {
+            // One chunk (nearly every call): no second search.
+            lo + self.chunks.get(lo).is_some_and(|(c, _)| *c == first) as usize
+        } else {
+            self.chunks.partition_point(|(c, _)| *c <= last)
+        };
         let mut keep = lo;
         for i in lo..hi {
             let c = self.chunks[i].0;
