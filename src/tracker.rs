@@ -533,6 +533,8 @@ impl CursorState {
 
     /// The state of `gfn` and where it ends: the returned run starts at `gfn`. O(1) while
     /// queries ascend inside the cached runs and the map does not change; otherwise one lookup.
+    /// A `gfn` at or past [`MAX_GFN`] (beyond any guest physical address; the C layer refuses
+    /// it) is answered for the last page below the limit: encrypted, ending at `MAX_GFN`.
     #[inline(always)]
     pub fn query(&mut self, tracker: &Tracker, gfn: u64) -> Result<Run, TrackerError> {
         if tracker.generation.load(Ordering::Acquire) == self.generation {

@@ -522,3 +522,35 @@ fn the_bitmap_test_maps_really_hold_bitmap_chunks() {
         .with_map(|m, _| m.bitmap_words(0).is_none())
         .unwrap());
 }
+
+#[test]
+fn empty_or_reversed_ranges_change_nothing() {
+    let layout = Layout::new(&[RamRange {
+        gpa: 0,
+        size: 1 << 30,
+    }])
+    .unwrap();
+    let mut map = PageMap::new(layout);
+    map.set(
+        PageRange { start: 10, end: 20 },
+        PageState::Shared,
+        &mut |_| {},
+    );
+    for r in [
+        PageRange { start: 15, end: 15 },
+        PageRange { start: 30, end: 5 },
+        PageRange {
+            start: MAX_GFN + 5,
+            end: MAX_GFN + 9,
+        },
+    ] {
+        for st in [PageState::Shared, PageState::Encrypted] {
+            let sum = map.set(r, st, &mut |f| panic!("no flip expected, got {f:?}"));
+            assert_eq!((sum.flipped, sum.clipped), (0, 0), "{r:?}");
+        }
+    }
+    assert_eq!(
+        map.shared_ranges().collect::<Vec<_>>(),
+        vec![PageRange { start: 10, end: 20 }]
+    );
+}

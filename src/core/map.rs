@@ -96,6 +96,11 @@ impl PageMap {
             start: range.start.min(MAX_GFN),
             end: range.end.min(MAX_GFN),
         };
+        if range.is_empty() {
+            // Nothing to do, and `range.len()` below must not underflow for a reversed range
+            // from a careless caller (the hypercall path never builds one).
+            return UpdateSummary::default();
+        }
         let mut sink = FlipSink {
             pending: None,
             total: 0,
