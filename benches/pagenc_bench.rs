@@ -1201,16 +1201,7 @@ fn w3(rep: &mut Report) {
             })
             .collect();
         // Hostile: every other page shared.
-        let hostile: Vec<Op> = layout
-            .ranges()
-            .iter()
-            .flat_map(|r| (r.start..r.end).step_by(2))
-            .map(|g| Op {
-                gfn: g,
-                n: 1,
-                shared: true,
-            })
-            .collect();
+        let hostile: Vec<Op> = hostile_ops(&layout, "alternate", 0).collect();
         v.push((format!("hostile {}", hostile.len()), hostile));
         v
     };
@@ -2080,16 +2071,7 @@ fn w6(rep: &mut Report) {
             )
         })
         .collect();
-    let hostile: Vec<Op> = layout
-        .ranges()
-        .iter()
-        .flat_map(|r| (r.start..r.end).step_by(2))
-        .map(|g| Op {
-            gfn: g,
-            n: 1,
-            shared: true,
-        })
-        .collect();
+    let hostile: Vec<Op> = hostile_ops(&layout, "alternate", 0).collect();
     lists.push((format!("hostile {}", hostile.len()), hostile));
     let mut rows = Vec::new();
     let (mut worst_load, mut worst_save, mut worst_bpr) = (f64::MAX, f64::MAX, 0.0f64);
