@@ -8,7 +8,7 @@ guest-payload:
 	$(MAKE) -C guest --no-print-directory
 
 demo:
-	bash scripts/install-deps.sh
+	bash scripts/install-deps.sh --demo
 	bash scripts/build-qemu.sh --no-deps
 	$(MAKE) -C guest --no-print-directory
 	$(PYTHON) scripts/demo.py $(DEMO_ARGS)

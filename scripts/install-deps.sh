@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything pagenc's build, demo and tests need on a fresh Debian 12 machine.
 # Idempotent: each step is skipped when its result is already there, so a second run is fast.
+#   scripts/install-deps.sh          everything (make check, CI)
+#   scripts/install-deps.sh --demo   only what `make demo` needs (no cargo-fuzz)
 set -euo pipefail
+MODE=${1:-all}
 
 say() { printf '[install-deps] %s\n' "$*"; }
 
@@ -10,6 +13,7 @@ APT_PKGS=(
     build-essential pkg-config valgrind
     ninja-build flex bison bzip2 xz-utils dpkg-dev
     libglib2.0-dev libpixman-1-dev libfdt-dev libslirp-dev zlib1g-dev
+    device-tree-compiler    # QEMU 10.2 configure: dtc (Debian strips the .dtb files)
     seabios                 # BIOS at run time (the Debian QEMU tarball has no firmware)
     binutils                # guest payload (as/ld)
 )
@@ -31,6 +35,10 @@ if ! python3 -c 'import mesonbuild, pycotap, qemu.qmp, pytest' 2>/dev/null; then
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
+if [ "$MODE" = --demo ]; then
+    say "done (--demo: cbindgen and cargo-fuzz are only for make check)"
+    exit 0
+fi
 CBINDGEN_VERSION=0.29.4
 if ! cbindgen --version 2>/dev/null | grep -q "$CBINDGEN_VERSION"; then
     say "cargo install cbindgen $CBINDGEN_VERSION (about a minute)"
