@@ -1,4 +1,4 @@
-# QEMU integration: the patched QEMU 10.0.13 (scripts/build-qemu.sh, cached in build/),
+# QEMU integration: the patched QEMU 10.2.2 (scripts/build-qemu.sh, cached in build/),
 # checkpatch on the series (qemu-patches/) and the pytest + qemu.qmp tests (tests/qemu/).
 PYTHON ?= python3
 CHECK_TARGETS += check-qemu

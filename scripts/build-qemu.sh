@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Builds a small x86_64-softmmu QEMU 10.0.13 with pagenc linked in.
+# Builds a small x86_64-softmmu QEMU 10.2.2 with pagenc linked in.
 #
 #   scripts/build-qemu.sh            fetch, patch, build pagenc + QEMU (cached)
 #   scripts/build-qemu.sh --no-deps  skip scripts/install-deps.sh
 #
-# Source: Debian's `qemu` source package, pinned to $QEMU_DEB_VERSION (trixie),
-# fetched with a private apt configuration under build/apt (the system apt
-# configuration is not touched). Only the upstream orig tarball is unpacked
-# (tar); Debian's own debian/patches are NOT applied: the tree is upstream
-# QEMU 10.0.13 as Debian ships it (+ds = firmware blobs removed).
+# Source: Debian's `qemu` source package, pinned to $QEMU_DEB_VERSION (sid:
+# the newest QEMU whose source Debian serves; 11.1.x is listed in the index
+# but its files are not served), fetched with a private apt configuration
+# under build/apt (the system apt configuration is not touched). Only the
+# upstream orig tarball is unpacked (tar); Debian's own debian/patches are
+# NOT applied: the tree is upstream QEMU 10.2.2 as Debian ships it (+ds =
+# firmware blobs removed).
 #
 # The source becomes a git repository, build/qemu-src:
 #   tag pagenc-pristine    the unpacked tarball
 #   tag pagenc-workaround  build-environment workaround (not part of the series):
-#                          no EDK2 unpacking (blobs absent) + a q35-only devices file
+#                          no EDK2 unpacking (blobs absent), a q35-only devices
+#                          file, and a CXL stub that devices file needs
 #   HEAD                   + qemu-patches/*.patch applied with `git am` (no 3-way)
 # The series is applied in a side worktree (build/qemu-am) and the main tree is
 # then moved with `git reset --hard`, so only files whose content changed get
@@ -26,8 +29,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 B=$ROOT/build
-QEMU_DEB_VERSION=1:10.0.13+ds-0+deb13u1
-QEMU_UPSTREAM=10.0.13
+QEMU_DEB_VERSION=1:10.2.2+ds-1
+QEMU_UPSTREAM=10.2.2
+DEB_SUITE=sid
 SRC=$B/qemu-src
 AMTREE=$B/qemu-am
 BLD=$B/qemu-build
@@ -66,7 +70,7 @@ if [ -f "$ORIG" ] && [ -f "$DSC" ]; then
 else
     A=$B/apt
     mkdir -p "$A/etc" "$A/lists/partial" "$A/cache/archives/partial" "$DL"
-    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $DEB_SUITE main" \
         > "$A/etc/sources.list"
     touch "$A/status"
     APTOPTS=(-o "Dir::Etc::SourceList=$A/etc/sources.list"
@@ -108,15 +112,31 @@ else
     # 2. 10.x boards are off with --without-default-devices: a q35-only set.
     cat > "$SRC/configs/devices/x86_64-softmmu/$DEVICES.mak" <<'EOF'
 # pagenc build: the smallest x86_64 machine set for the tests (q35 only),
-# plus SEV so that target/i386/sev.c is built.
+# plus SEV so that target/i386/sev.c is built, and q35's default devices
+# (std VGA, e1000e, HPET) so that tests can run without -nodefaults.
 CONFIG_Q35=y
 CONFIG_ISA_DEBUG=y
 CONFIG_SEV=y
+CONFIG_VGA_PCI=y
+CONFIG_E1000E_PCI_EXPRESS=y
+CONFIG_HPET=y
 EOF
-    git_q add pc-bios/meson.build "configs/devices/x86_64-softmmu/$DEVICES.mak"
-    git_q commit -q -m "pagenc build environment: no EDK2 unpacking, q35 devices file
+    # 3. With that devices file, ACPI's CXL code is built (ACPI_CXL) but not
+    #    hw/cxl (CXL): its stub file lacks cxl_fmws_get_all_sorted().
+    cat >> "$SRC/hw/cxl/cxl-host-stubs.c" <<'EOF'
 
-Not part of qemu-patches/: the Debian +ds tarball has no firmware blobs."
+/* pagenc build environment: hw/acpi/cxl.c needs it without CONFIG_CXL */
+GSList *cxl_fmws_get_all_sorted(void)
+{
+    return NULL;
+}
+EOF
+    git_q add pc-bios/meson.build "configs/devices/x86_64-softmmu/$DEVICES.mak" \
+        hw/cxl/cxl-host-stubs.c
+    git_q commit -q -m "pagenc build environment: no EDK2 unpacking, q35 devices file, CXL stub
+
+Not part of qemu-patches/: the Debian +ds tarball has no firmware blobs,
+and a q35-only devices file links hw/acpi/cxl.c without hw/cxl."
     git_q tag pagenc-workaround
 fi
 stage_end unpack
@@ -215,8 +235,22 @@ fi
 stage_end configure
 
 # --------------------------------------------------------------------------
-say "build: ninja -j${JOBS:-2} qemu-system-x86_64"
-ninja -C "$BLD" -j"${JOBS:-2}" qemu-system-x86_64 > "$BLD/ninja.log" 2>&1 ||
+say "build: ninja -j${JOBS:-2} qemu-system-x86_64 (progress every ${PROGRESS_EVERY:-15}s)"
+# ninja writes "[done/total] step" lines to its log; a watcher prints the
+# latest one so that a long build is never silent.
+ninja -C "$BLD" -j"${JOBS:-2}" qemu-system-x86_64 > "$BLD/ninja.log" 2>&1 &
+ninja_pid=$!
+while kill -0 "$ninja_pid" 2>/dev/null; do
+    for _ in $(seq "${PROGRESS_EVERY:-15}"); do
+        kill -0 "$ninja_pid" 2>/dev/null || break
+        sleep 1
+    done
+    kill -0 "$ninja_pid" 2>/dev/null || break
+    step=$(grep -o '^\[[0-9]*/[0-9]*\]' "$BLD/ninja.log" | tail -1 || true)
+    printf '[build-qemu] build: %s after %ss\n' "${step:-[starting]}" \
+        "$(awk "BEGIN{printf \"%.0f\", $(date +%s.%N) - $STAGE_T}")"
+done
+wait "$ninja_pid" ||
     { grep -B2 -A12 -m3 'error' "$BLD/ninja.log" || tail -40 "$BLD/ninja.log"; die "ninja failed (build/qemu-build/ninja.log)"; }
 grep -m1 -o '\[[0-9]*/[0-9]*\]' <(tac "$BLD/ninja.log") >/dev/null && say "build: $(grep -c '^\[' "$BLD/ninja.log") steps"
 "$BLD/qemu-system-x86_64" --version | head -1 | sed 's/^/[build-qemu] /'

@@ -116,7 +116,14 @@ class PagencApi:
         return self.vm.cmd(name, _qmp=self.qmp, **args)
 
     def query(self) -> dict:
-        return self._cmd(self.QUERY)
+        """query-pagenc with every shared range (the command pages them: ranges-next)."""
+        info = self._cmd(self.QUERY, ranges=True)
+        ranges = list(info.get("ranges", []))
+        while "ranges-next" in info:
+            info = self._cmd(self.QUERY, ranges=True, start=info["ranges-next"])
+            ranges += info.get("ranges", [])
+        info["ranges"] = ranges
+        return info
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         """Drives the KVM_EXIT_HYPERCALL path; returns the hypercall's ret (0 or -errno)."""

@@ -144,8 +144,10 @@ class Qemu:
     def hmp(self, line: str) -> str:
         return self.cmd("human-monitor-command", **{"command-line": line})
 
-    def pagenc(self) -> dict:
-        return self.cmd("query-pagenc")
+    def pagenc(self, **args) -> dict:
+        """query-pagenc with the shared ranges (one page of up to 4096 of them)."""
+        args.setdefault("ranges", True)
+        return self.cmd("query-pagenc", **args)
 
     def map(self, gpa: int, npages: int, attrs: int) -> int:
         return self.cmd("x-pagenc-map-gpa-range", gpa=gpa, npages=npages, attrs=attrs)["ret"]
