@@ -22,6 +22,9 @@
 # then moved with `git reset --hard`, so only files whose content changed get
 # touched and ninja rebuilds little. An unchanged series is skipped.
 #
+# The firmware the tests boot besides SeaBIOS (OVMF, the e1000e option ROM) is
+# unpacked from pinned Debian packages into build/firmware.
+#
 # pagenc is built with cargo and installed with meson (install mode of
 # /work/main/meson.build) into build/pagenc-prefix; QEMU finds it through
 # pkg-config (PKG_CONFIG_PATH).
@@ -38,6 +41,7 @@ BLD=$B/qemu-build
 PREFIX=$B/pagenc-prefix
 PATCHES=$ROOT/qemu-patches
 DEVICES=pagenc-q35
+FIRMWARE_PKGS=(ovmf=2022.11-6+deb12u2 ipxe-qemu=1.0.0+git-20190125.36a4c85-5.1)
 export PATH="$HOME/.cargo/bin:$PATH"
 
 T0=$(date +%s.%N)
@@ -175,6 +179,32 @@ else
     say "patch: applied ${#series[@]} patches -> $(git_q log --oneline -1)"
 fi
 stage_end patch
+
+# --------------------------------------------------------------------------
+# Firmware the tests boot besides SeaBIOS: OVMF (UEFI, with and without SMM)
+# and the e1000e option ROM q35's default NIC needs. Debian packages fetched
+# with apt-get download and unpacked with dpkg-deb -x (not installed), pinned;
+# if Debian no longer serves a pinned version, the current candidate is used
+# and the script says so.
+say "firmware: Debian packages ${FIRMWARE_PKGS[*]} into build/firmware"
+FW=$B/firmware
+fw_stamp=$FW/.pagenc-firmware
+if [ -f "$fw_stamp" ] && [ "$(cat "$fw_stamp")" = "${FIRMWARE_PKGS[*]}" ]; then
+    say "firmware: cached"
+else
+    rm -rf "$FW" && mkdir -p "$FW/debs"
+    for pkg in "${FIRMWARE_PKGS[@]}"; do
+        if ! (cd "$FW/debs" && apt-get download -qq "$pkg" >/dev/null 2>&1); then
+            say "firmware: $pkg is no longer served, using the current ${pkg%%=*}"
+            (cd "$FW/debs" && apt-get download -qq "${pkg%%=*}" >/dev/null 2>&1) ||
+                die "apt-get download ${pkg%%=*} failed (run apt-get update?)"
+        fi
+    done
+    for deb in "$FW"/debs/*.deb; do dpkg-deb -x "$deb" "$FW"; done
+    [ -f "$FW/usr/share/OVMF/OVMF_CODE_4M.fd" ] || die "no OVMF_CODE_4M.fd in $FW"
+    echo "${FIRMWARE_PKGS[*]}" > "$fw_stamp"
+fi
+stage_end firmware
 
 # --------------------------------------------------------------------------
 say "pagenc: cargo build --release + meson install into build/pagenc-prefix"

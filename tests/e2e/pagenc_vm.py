@@ -34,6 +34,8 @@ PAYLOAD = ROOT / "guest/build/payload.elf"
 BIOS_DIR = os.environ.get("PAGENC_BIOS_DIR", "/usr/share/seabios")
 # QEMU's multiboot option ROM, built from QEMU's source by guest/Makefile.
 ROM_DIR = ROOT / "guest/build/roms"
+# q35's default e1000e needs its option ROM: Debian's ipxe-qemu, unpacked by build-qemu.sh
+IPXE_DIR = ROOT / "build/firmware/usr/lib/ipxe/qemu"
 
 PAGE = 4096
 MiB = 1 << 20
@@ -180,7 +182,9 @@ class Vm:
         accel: Optional[str] = None,
         extra_args: Iterable[str] = (),
         qmp_extra: int = 1,
+        defaults: bool = False,
     ):
+        """defaults=True: q35's default devices (std VGA, e1000e, ...) instead of -nodefaults."""
         self.name = name
         self.dir = Path(workdir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +201,8 @@ class Vm:
         args = [
             str(QEMU_BIN),
             "-machine", "q35", "-accel", self.accel,
-            "-nographic", "-nodefaults", "-L", str(ROM_DIR), "-L", BIOS_DIR,
+            "-nographic", *([] if defaults else ["-nodefaults"]),
+            "-L", str(ROM_DIR), "-L", BIOS_DIR, *(["-L", str(IPXE_DIR)] if defaults else []),
             "-m", str(mem_mb), "-smp", "1",
             "-kernel", str(PAYLOAD), "-append", append,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",

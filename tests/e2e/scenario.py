@@ -207,8 +207,10 @@ def read_trace(path: Path):
     changed: dict[int, tuple[int, bool]] = {}
     started = False
     n_sent = 0
+    # page=0 encrypted, 1 shared, 2 not guest RAM (QemuPagencPage): every line is a page
+    # sent; the resend check looks at guest RAM pages only
     ram_re = re.compile(r"pagenc_ram_page block=\S+ offset=0x[0-9a-f]+ gpa=0x([0-9a-f]+) "
-                        r"encrypted=(\d)")
+                        r"page=(\d)")
     chg_re = re.compile(r"pagenc_pages_changed id=\S+ gpa=0x([0-9a-f]+) npages=0x([0-9a-f]+) "
                         r"encrypted=(\d)")
     with open(path, errors="replace") as f:
@@ -217,7 +219,8 @@ def read_trace(path: Path):
             if m:
                 started = True
                 n_sent += 1
-                sent[int(m.group(1), 16) // PAGE] = (i, m.group(2) == "1")
+                if m.group(2) in ("0", "1"):
+                    sent[int(m.group(1), 16) // PAGE] = (i, m.group(2) == "0")
                 continue
             m = chg_re.search(line)
             if m and started:

@@ -27,6 +27,10 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 ROOT = Path(__file__).resolve().parents[2]
 QEMU = Path(os.environ.get("PAGENC_QEMU", ROOT / "build/qemu-build/qemu-system-x86_64"))
 BIOS = os.environ.get("PAGENC_BIOS_DIR", "/usr/share/seabios")
+# Debian's ovmf and ipxe-qemu, unpacked by scripts/build-qemu.sh (stage "firmware")
+FIRMWARE = Path(os.environ.get("PAGENC_FIRMWARE_DIR", ROOT / "build/firmware"))
+OVMF_DIR = FIRMWARE / "usr/share/OVMF"
+IPXE_DIR = FIRMWARE / "usr/lib/ipxe/qemu"
 START_TIMEOUT = 20.0
 QMP_TIMEOUT = 30.0
 TEST_TIMEOUT = 180
@@ -55,15 +59,17 @@ class Qemu:
     """One QEMU process with a QMP socket; every wait is bounded."""
 
     def __init__(self, workdir: Path, name: str, args: list[str], accel: str = ACCEL,
-                 mem: str = "256"):
+                 mem: str = "256", defaults: bool = False, serial: str = "none",
+                 machine: str = "q35"):
+        """defaults=True: q35's default devices (std VGA, e1000e, ...), not -nodefaults."""
         self.workdir = workdir
         self.name = name
         self.sock = str(workdir / f"{name}.qmp")
         self.stderr_path = workdir / f"{name}.stderr"
-        self.cmdline = [str(QEMU), "-machine", "q35", "-accel", accel,
-                        "-nographic", "-nodefaults", "-L", BIOS, "-m", mem,
-                        "-serial", "none", "-monitor", "none",
-                        "-qmp", f"unix:{self.sock},server=on,wait=off"] + args
+        self.cmdline = [str(QEMU), "-machine", machine, "-accel", accel, "-nographic"]
+        self.cmdline += ["-L", BIOS, "-L", str(IPXE_DIR)] if defaults else ["-nodefaults", "-L", BIOS]
+        self.cmdline += ["-m", mem, "-serial", serial, "-monitor", "none",
+                         "-qmp", f"unix:{self.sock},server=on,wait=off"] + args
         self.proc = None
         self.qmp = None
 
@@ -229,3 +235,42 @@ def vms(workdir):
 def vm(vms):
     """A running QEMU with -object pagenc,id=pe0."""
     return vms("src", ["-object", "pagenc,id=pe0"])
+
+
+class Qtest:
+    """The qtest protocol on a unix socket (-qtest unix:PATH,server=on,wait=off):
+    one command a line, answered "OK ..." or "FAIL ..."."""
+
+    def __init__(self, path: Path, timeout: float = START_TIMEOUT):
+        import socket
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"qtest socket {path} not up after {timeout}s")
+                time.sleep(0.05)
+        s.settimeout(QMP_TIMEOUT)
+        self.sock = s
+        self.buf = b""
+
+    def cmd(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\n")
+        while True:
+            # Skip asynchronous "IRQ ..." lines; the answer starts with OK or FAIL.
+            while b"\n" in self.buf:
+                reply, self.buf = self.buf.split(b"\n", 1)
+                reply = reply.decode()
+                if reply.startswith(("OK", "FAIL")):
+                    assert reply.startswith("OK"), f"qtest {line!r}: {reply}"
+                    return reply
+            chunk = self.sock.recv(4096)
+            assert chunk, f"qtest socket closed during {line!r}"
+            self.buf += chunk
+
+    def close(self):
+        self.sock.close()
