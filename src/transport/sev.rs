@@ -205,12 +205,13 @@ impl SevTransport {
         )?;
         let amd_len = blob_len("AMD certificate chain length", p.amd_certs)?;
         {
+            // A received guest (RECEIVE_FINISH done) runs here now and may be sent on.
             let ph = self.phase();
-            if *ph != Phase::Idle {
+            if !matches!(*ph, Phase::Idle | Phase::Received) {
                 return Err(TransportError::State {
                     op: "send setup (SEND_START)",
                     phase: ph.name(),
-                    needs: "idle (no session, or the last one cancelled)",
+                    needs: "idle (no session, the last one cancelled, or a guest received)",
                 });
             }
         }
