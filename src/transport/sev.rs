@@ -204,16 +204,15 @@ impl SevTransport {
             p.dst_plat_certs,
         )?;
         let amd_len = blob_len("AMD certificate chain length", p.amd_certs)?;
-        {
-            // A received guest (RECEIVE_FINISH done) runs here now and may be sent on.
-            let ph = self.phase();
-            if !matches!(*ph, Phase::Idle | Phase::Received) {
-                return Err(TransportError::State {
-                    op: "send setup (SEND_START)",
-                    phase: ph.name(),
-                    needs: "idle (no session, the last one cancelled, or a guest received)",
-                });
-            }
+        // Held for the whole set-up: two set-ups must not interleave their commands.
+        let mut ph = self.phase();
+        // A received guest (RECEIVE_FINISH done) runs here now and may be sent on.
+        if !matches!(*ph, Phase::Idle | Phase::Received) {
+            return Err(TransportError::State {
+                op: "send setup (SEND_START)",
+                phase: ph.name(),
+                needs: "idle (no session, the last one cancelled, or a guest received)",
+            });
         }
 
         let mut q = kvm_sev_send_start::default();
@@ -289,7 +288,7 @@ impl SevTransport {
         };
         match finish() {
             Ok(record) => {
-                *self.phase() = Phase::Sending {
+                *ph = Phase::Sending {
                     hdr_len: record.hdr_len,
                 };
                 Ok(record)
