@@ -9,7 +9,10 @@
 //! - every firmware status code at every command of a migration reaches the caller as an error
 //!   naming the command and the code (a failing firmware wrapped around the simulated one);
 //! - the refusals (NOSEND, SEV-ES, SNP) and out-of-order calls;
-//! - the real KVM entry point fails cleanly on a non-SEV VM (no SEV hardware here).
+//! - the real KVM entry point fails cleanly on a non-SEV VM (no SEV hardware here);
+//! - hostile input through the transport into the firmware (proptest): any changed byte or cut
+//!   of a packet is refused with the page untouched; arbitrary or altered session records never
+//!   start a session that accepts the packets.
 //!
 //! Negative control (done once by hand, see the commit): with the simulated firmware's
 //! re-encryption under the destination key removed from RECEIVE_UPDATE_DATA,
@@ -1078,4 +1081,98 @@ fn the_real_entry_point_fails_cleanly_on_a_vm_without_sev() {
         "{msg}"
     );
     kvm_common::say(&format!("real KVM on a non-SEV VM: {msg}"));
+}
+
+// ---- Hostile packets and session records through the transport into the simulated firmware.
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// One set-up shared by every case: a receiving destination, a good packet for page `i`.
+    struct Fixture {
+        pair: Pair,
+        record: Vec<u8>,
+        packet: Vec<u8>,
+        i: usize,
+        gpa: u64,
+    }
+
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let pair = Pair::new([0x11; 32], [0x22; 32]);
+            let record = pair.setup();
+            let (i, gpa) = pair
+                .src_ram
+                .each()
+                .into_iter()
+                .find(|&(i, _)| !pair.shared[i])
+                .unwrap();
+            let packet = pair.send(i, gpa);
+            Fixture {
+                pair,
+                record,
+                packet,
+                i,
+                gpa,
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every byte of a packet matters: any change is refused (by the wire format, the gpa
+        /// or length checks, or the firmware's tag) and the page is never written.
+        #[test]
+        fn any_changed_byte_of_a_packet_is_refused(at in any::<prop::sample::Index>(), x in 1u8..=255) {
+            let f = fixture();
+            let mut bad = f.packet.clone();
+            let k = at.index(bad.len());
+            bad[k] ^= x;
+            let before = f.pair.dst_ram.pages[f.i].0.to_vec();
+            let e = f.pair.recv(f.i, f.gpa, &bad);
+            prop_assert!(e.is_err(), "byte {} ^ {:#x} accepted", k, x);
+            prop_assert_eq!(&f.pair.dst_ram.pages[f.i].0[..], &before[..]);
+        }
+
+        #[test]
+        fn any_cut_of_a_packet_is_refused(at in any::<prop::sample::Index>()) {
+            let f = fixture();
+            let cut = at.index(f.packet.len());
+            prop_assert!(f.pair.recv(f.i, f.gpa, &f.packet[..cut]).is_err());
+        }
+
+        /// Arbitrary bytes as a session record never panic and never start a session.
+        #[test]
+        fn arbitrary_session_records_are_refused(b in prop::collection::vec(any::<u8>(), 0..200)) {
+            let ram = Ram::new();
+            let t = SevTransport::new(sim(SimRole::Destination, 0, [0; 32], 2, &ram));
+            prop_assert!(t.receive_start(&b, SevMode::Sev, POLICY).is_err());
+        }
+
+        /// A changed byte of a real session record is refused too (or, for the header length
+        /// alone, makes every packet of the session refused).
+        #[test]
+        fn any_changed_byte_of_a_session_record_is_refused(at in any::<prop::sample::Index>(), x in 1u8..=255) {
+            let f = fixture();
+            let mut bad = f.record.clone();
+            let k = at.index(bad.len());
+            bad[k] ^= x;
+            let dst_ram = Ram::new();
+            let fw = sim(SimRole::Destination, 0, [0x22; 32], 2, &dst_ram);
+            let t = SevTransport::new(fw.clone());
+            match t.receive_start(&bad, SevMode::Sev, POLICY) {
+                Err(_) => prop_assert_eq!(fw.guest_state(), GuestState::Uninit),
+                Ok(()) => {
+                    prop_assert!((12..16).contains(&k), "byte {} ^ {:#x} accepted", k, x);
+                    // SAFETY: a page of dst_ram.
+                    let r = unsafe { t.receive_page(f.gpa, dst_ram.host(f.i), &f.packet) };
+                    prop_assert!(r.is_err());
+                }
+            }
+        }
+    }
 }
