@@ -26,6 +26,24 @@ fn main() {
         .expect("writing kvm_consts.rs into OUT_DIR");
 
     pagenc_h_bindings(&out);
+    sev_status_bindings(&out);
+}
+
+/// The SEV firmware status codes (`SEV_RET_*` of `<linux/psp-sev.h>`), which the kernel passes
+/// through unchanged in `kvm_sev_cmd.error`: the transport names them in its errors and the
+/// simulated firmware answers with them (src/transport/sev_abi.rs).
+fn sev_status_bindings(out: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/transport/sev_consts.h");
+    bindgen::Builder::default()
+        .header("src/transport/sev_consts.h")
+        .allowlist_var("SEV_RET_.*")
+        .allowlist_type("sev_ret_code")
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
+        .generate()
+        .expect("bindgen could not read <linux/psp-sev.h> (apt-get install linux-libc-dev libclang-dev)")
+        .write_to_file(out.join("sev_status.rs"))
+        .expect("writing sev_status.rs into OUT_DIR");
 }
 
 /// The ABI test (src/ffi/abi_check.rs) compares the committed C header's layouts and values with

@@ -57,6 +57,63 @@
 #define PAGENC_REJECT_REASONS 7
 
 /*
+ `pagenc_transport_send_setup`'s and `pagenc_transport_recv_setup`'s `mode`: plain SEV.
+ */
+#define PAGENC_SEV_MODE_SEV 0
+
+/*
+ SEV-ES (refused: upstream KVM cannot move the VMSA).
+ */
+#define PAGENC_SEV_MODE_SEV_ES 1
+
+/*
+ SEV-SNP (refused).
+ */
+#define PAGENC_SEV_MODE_SEV_SNP 2
+
+/*
+ `pagenc_simfw_config.role`: a launched guest, to be sent (state RUNNING).
+ */
+#define PAGENC_SIMFW_ROLE_SOURCE 0
+
+/*
+ `pagenc_simfw_config.role`: no guest yet (state UNINIT), RECEIVE_START creates it.
+ */
+#define PAGENC_SIMFW_ROLE_DESTINATION 1
+
+/*
+ The largest packet `pagenc_transport_send_page` writes (prefix, a 16 KiB firmware header,
+ one page): a buffer this big always suffices.
+ */
+#define PAGENC_TRANSPORT_PACKET_MAX ((24 + 16384) + 4096)
+
+/*
+ The fixed prefix of a packet: read this many bytes, then `pagenc_transport_packet_size`.
+ */
+#define PAGENC_TRANSPORT_PACKET_PREFIX 24
+
+/*
+ The largest session record.
+ */
+#define PAGENC_TRANSPORT_SESSION_MAX (24 + (2 * 16384))
+
+/*
+ `pagenc_simfw_cert`'s `kind`: this platform's PDH certificate (a real host exports it with
+ `SEV_PDH_CERT_EXPORT`).
+ */
+#define PAGENC_SIMFW_CERT_PDH 0
+
+/*
+ `pagenc_simfw_cert`'s `kind`: this platform's certificate chain (PEK, OCA, CEK).
+ */
+#define PAGENC_SIMFW_CERT_PLATFORM 1
+
+/*
+ `pagenc_simfw_cert`'s `kind`: the AMD chain (ARK, ASK) every simulated platform accepts.
+ */
+#define PAGENC_SIMFW_CERT_AMD 2
+
+/*
  What a pagenc call did. The values are stable: they are never renumbered or reused, and new
  codes are only ever appended.
  */
@@ -121,6 +178,53 @@ typedef enum pagenc_result {
 } pagenc_result;
 
 /*
+ What a transport or simulated-firmware call did. Stable values, only ever appended to.
+ */
+typedef enum pagenc_transport_result {
+  /*
+   Success.
+   */
+  PAGENC_TRANSPORT_RESULT_OK = 0,
+  /*
+   A required pointer argument was NULL.
+   */
+  PAGENC_TRANSPORT_RESULT_NULL_ARGUMENT = 1,
+  /*
+   An argument is out of range (gpa, mode, role, memslot table, opt-in string).
+   */
+  PAGENC_TRANSPORT_RESULT_INVALID_ARGUMENT = 2,
+  /*
+   A configuration the transport refuses: policy NOSEND, SEV-ES, SEV-SNP, or a policy that
+   differs from the firmware's or the session's. Nothing was sent.
+   */
+  PAGENC_TRANSPORT_RESULT_REFUSED = 3,
+  /*
+   Called in the wrong order (a page before set-up, set-up twice, finish without a session).
+   */
+  PAGENC_TRANSPORT_RESULT_BAD_STATE = 4,
+  /*
+   Bytes from the migration stream (session record, packet) were refused.
+   */
+  PAGENC_TRANSPORT_RESULT_BAD_STREAM = 5,
+  /*
+   The SEV firmware failed the command; `pagenc_transport_last_fw_status` has its status.
+   */
+  PAGENC_TRANSPORT_RESULT_FIRMWARE_ERROR = 6,
+  /*
+   The kernel failed the ioctl before the firmware ran (EINVAL, EFAULT, ENOTTY, ...).
+   */
+  PAGENC_TRANSPORT_RESULT_KERNEL_ERROR = 7,
+  /*
+   The output buffer is too small; the size needed was written where the function says.
+   */
+  PAGENC_TRANSPORT_RESULT_BUFFER_TOO_SMALL = 8,
+  /*
+   A bug in pagenc (a caught panic).
+   */
+  PAGENC_TRANSPORT_RESULT_INTERNAL = 9,
+} pagenc_transport_result;
+
+/*
  Why the guest's call or MSR write was refused: the index into `pagenc_stats.rejected`.
  */
 typedef enum pagenc_reject_reason {
@@ -165,9 +269,19 @@ typedef struct pagenc_cursor pagenc_cursor;
 typedef struct pagenc_iter pagenc_iter;
 
 /*
+ A simulated SEV firmware for one guest: tests only (explicit opt-in).
+ */
+typedef struct pagenc_simfw pagenc_simfw;
+
+/*
  A page-encryption tracker: the list of one guest. Thread-safe (see each function).
  */
 typedef struct pagenc_tracker pagenc_tracker;
+
+/*
+ An encrypted-page transport for one guest. Thread-safe (see the functions).
+ */
+typedef struct pagenc_transport pagenc_transport;
 
 /*
  A run of pages in one state: `[gpa, gpa + npages * 4096)`.
@@ -269,6 +383,135 @@ typedef void (*pagenc_change_fn)(void *opaque, uint64_t gpa, uint64_t npages, bo
  migration, and the MSR's new value. See `pagenc_tracker_set_readiness_callback`.
  */
 typedef void (*pagenc_readiness_fn)(void *opaque, bool ready, uint64_t msr_value);
+
+/*
+ The set-up of a simulated SEV firmware.
+ */
+typedef struct pagenc_simfw_config {
+  /*
+   `PAGENC_SIMFW_ROLE_SOURCE` or `PAGENC_SIMFW_ROLE_DESTINATION`.
+   */
+  uint32_t role;
+  /*
+   The source guest's launch policy (what SEND_START reports); ignored on a destination.
+   */
+  uint32_t policy;
+  /*
+   The guest's memory key; all zeros: RAM holds plaintext (identity mode).
+   */
+  uint8_t memory_key[32];
+  /*
+   The simulated platform's identity (its PDH).
+   */
+  uint8_t platform_id[32];
+} pagenc_simfw_config;
+
+/*
+ One guest RAM mapping (as a KVM memslot): `size` bytes of guest physical memory at `gpa`,
+ mapped at `host` in this process. All three 4 KiB aligned.
+ */
+typedef struct pagenc_memslot {
+  /*
+   Guest physical address.
+   */
+  uint64_t gpa;
+  /*
+   Size in bytes.
+   */
+  uint64_t size;
+  /*
+   Host address of the mapping.
+   */
+  void *host;
+} pagenc_memslot;
+
+/*
+ Commands a simulated firmware carried out.
+ */
+typedef struct pagenc_simfw_stats {
+  /*
+   SEND_START.
+   */
+  uint64_t send_start;
+  /*
+   SEND_UPDATE_DATA: pages sent through the firmware.
+   */
+  uint64_t send_update_data;
+  /*
+   SEND_FINISH.
+   */
+  uint64_t send_finish;
+  /*
+   SEND_CANCEL.
+   */
+  uint64_t send_cancel;
+  /*
+   RECEIVE_START.
+   */
+  uint64_t receive_start;
+  /*
+   RECEIVE_UPDATE_DATA: pages received through the firmware.
+   */
+  uint64_t receive_update_data;
+  /*
+   RECEIVE_FINISH.
+   */
+  uint64_t receive_finish;
+  /*
+   Length queries answered.
+   */
+  uint64_t length_queries;
+  /*
+   Commands failed (length queries excluded).
+   */
+  uint64_t failures;
+} pagenc_simfw_stats;
+
+/*
+ What the source needs for SEND_START. Every blob is `(pointer, length)`, 1..16384 bytes.
+ */
+typedef struct pagenc_transport_send_params {
+  /*
+   The guest policy as configured (QEMU: `sev-guest,policy=`).
+   */
+  uint32_t policy;
+  /*
+   `PAGENC_SEV_MODE_*`.
+   */
+  uint32_t mode;
+  /*
+   This (source) platform's PDH certificate; travels in the session record.
+   */
+  const uint8_t *src_pdh;
+  /*
+   Its length.
+   */
+  size_t src_pdh_len;
+  /*
+   The destination platform's PDH certificate.
+   */
+  const uint8_t *dst_pdh;
+  /*
+   Its length.
+   */
+  size_t dst_pdh_len;
+  /*
+   The destination platform's certificate chain.
+   */
+  const uint8_t *dst_plat_certs;
+  /*
+   Its length.
+   */
+  size_t dst_plat_certs_len;
+  /*
+   The AMD certificate chain (ARK, ASK).
+   */
+  const uint8_t *amd_certs;
+  /*
+   Its length.
+   */
+  size_t amd_certs_len;
+} pagenc_transport_send_params;
 
 #ifdef __cplusplus
 extern "C" {
@@ -677,6 +920,257 @@ enum pagenc_result pagenc_tracker_set_change_callback(struct pagenc_tracker *t, 
  `t` is NULL or a live tracker; `cb`, when not NULL, is safe to call with `opaque` as above.
  */
 enum pagenc_result pagenc_tracker_set_readiness_callback(struct pagenc_tracker *t, pagenc_readiness_fn cb, void *opaque);
+
+/*
+ A short, static description of a transport result code. Any value is accepted ("unknown
+ pagenc_transport_result" for others). Any thread.
+ */
+const char *pagenc_transport_result_str(int result);
+
+/*
+ Makes a simulated SEV firmware for one guest. **Tests only**: `opt_in` must be the string
+ "x-sev-simulated-firmware" (the name of the QEMU property that selects it), or the call is
+ refused; it never touches a VM fd or `/dev/sev`.
+
+ `slots` (`n` entries, NULL if 0) is the guest RAM it may reach, as KVM's memslots: it maps a
+ command's host address to a GPA through it (the modelled encryption depends on the GPA).
+
+ Returns `PAGENC_TRANSPORT_RESULT_OK` and `*out`; `INVALID_ARGUMENT` for a wrong opt-in, an
+ unknown role, or a bad memslot table (empty, unaligned, wrapping, overlapping slots), with
+ the reason in `msg` (nullable, `msg_len` bytes, NUL-terminated, truncated if needed).
+
+ # Safety
+ `opt_in` is NULL or a NUL-terminated string; `cfg` is NULL or readable; `slots` points to
+ `n` readable entries (or is NULL with `n` 0); every slot's `[host, host + size)` stays
+ mapped, readable and writable until the firmware is freed or given other slots; `out` is
+ NULL or writable; `msg` is NULL or points to `msg_len` writable bytes.
+ */
+enum pagenc_transport_result pagenc_simfw_new(const char *opt_in, const struct pagenc_simfw_config *cfg, const struct pagenc_memslot *slots, size_t n, struct pagenc_simfw **out, char *msg, size_t msg_len);
+
+/*
+ Replaces the simulated firmware's memslot table (memory hotplug). A refused table
+ (`INVALID_ARGUMENT`, reason in `msg`) leaves the old one. Any thread.
+
+ # Safety
+ As for `pagenc_simfw_new`'s `slots`, `msg`; `fw` is NULL or a live simulated firmware.
+ */
+enum pagenc_transport_result pagenc_simfw_set_memslots(const struct pagenc_simfw *fw, const struct pagenc_memslot *slots, size_t n, char *msg, size_t msg_len);
+
+/*
+ Frees a simulated firmware (NULL is fine). A transport made from it keeps it alive until the
+ transport is freed too.
+
+ # Safety
+ `fw` is NULL or a simulated firmware the caller owns and never uses again.
+ */
+void pagenc_simfw_free(struct pagenc_simfw *fw);
+
+/*
+ Whether the VMM may run the guest's vCPUs: true while the firmware's guest state is RUNNING
+ or SUPDATE; false on a destination before RECEIVE_FINISH and on a source after SEND_FINISH.
+ A VMM asserts it before starting the vCPUs. False for NULL. Any thread.
+
+ # Safety
+ `fw` is NULL or a live simulated firmware.
+ */
+bool pagenc_simfw_guest_may_run(const struct pagenc_simfw *fw);
+
+/*
+ The firmware's guest state as the SEV API numbers it: 0 UNINIT, 3 RUNNING, 4 SUPDATE,
+ 5 RUPDATE, 6 SENT. 0 for NULL. Any thread.
+
+ # Safety
+ `fw` is NULL or a live simulated firmware.
+ */
+uint32_t pagenc_simfw_guest_state(const struct pagenc_simfw *fw);
+
+/*
+ The commands carried out so far, into `*out`. Any thread.
+
+ # Safety
+ `fw` is NULL or a live simulated firmware; `out` is NULL or writable.
+ */
+enum pagenc_transport_result pagenc_simfw_get_stats(const struct pagenc_simfw *fw, struct pagenc_simfw_stats *out);
+
+/*
+ Makes the next command `cmd_id` (a `KVM_SEV_*` id) fail in the simulated firmware with
+ firmware status `status` (an `SEV_RET_*` code), once; 0 clears a pending injection. For
+ tests of failure paths. Any thread.
+
+ # Safety
+ `fw` is NULL or a live simulated firmware.
+ */
+enum pagenc_transport_result pagenc_simfw_inject_failure(const struct pagenc_simfw *fw, uint32_t cmd_id, uint32_t status);
+
+/*
+ Copies one of the simulated platform's certificates (`kind`: 0 PDH, 1 platform chain,
+ 2 AMD chain) into `buf` and its length into `*written`; `BUFFER_TOO_SMALL` (with the length
+ in `*written`) when `len` is too small, `INVALID_ARGUMENT` for another `kind`. Any thread.
+
+ # Safety
+ `fw` is NULL or a live simulated firmware; `buf` is NULL or points to `len` writable bytes;
+ `written` is NULL or writable.
+ */
+enum pagenc_transport_result pagenc_simfw_cert(const struct pagenc_simfw *fw, uint32_t kind, uint8_t *buf, size_t len, size_t *written);
+
+/*
+ A transport over the real kernel: `KVM_MEMORY_ENCRYPT_OP` on `vm_fd`, with `sev_fd` (the
+ `/dev/sev` fd) in every command. **Never run on SEV hardware** (see docs/transport.md).
+ pagenc neither keeps nor closes the fds beyond the transport's life. Returns
+ `INVALID_ARGUMENT` for a negative `vm_fd`. Any thread.
+
+ # Safety
+ `vm_fd` and `sev_fd` stay open until the transport is freed; `out` is NULL or writable.
+ */
+enum pagenc_transport_result pagenc_transport_new_kvm(int vm_fd, int sev_fd, struct pagenc_transport **out);
+
+/*
+ A transport over a simulated firmware (which it keeps alive). Any thread.
+
+ # Safety
+ `fw` is NULL or a live simulated firmware; `out` is NULL or writable.
+ */
+enum pagenc_transport_result pagenc_transport_new_simfw(const struct pagenc_simfw *fw, struct pagenc_transport **out);
+
+/*
+ Frees a transport (NULL is fine). It does not cancel or finish a session: the VMM calls
+ `pagenc_transport_send_cancel` on a failed migration first.
+
+ # Safety
+ `t` is NULL or a transport the caller owns, not in use by another thread, never used again.
+ */
+void pagenc_transport_free(struct pagenc_transport *t);
+
+/*
+ The detailed message of the last failure on `t` (what was wrong, with which value; the
+ command and the firmware's status code for firmware failures), NUL-terminated into `buf`
+ (at most `len - 1` bytes); returns its full length. "" and 0 if nothing failed yet or `t`
+ is NULL. With several threads it may be another thread's failure. Any thread.
+
+ # Safety
+ `t` is NULL or a live transport; `buf` is NULL or points to `len` writable bytes.
+ */
+size_t pagenc_transport_last_error(const struct pagenc_transport *t, char *buf, size_t len);
+
+/*
+ The SEV firmware status (`SEV_RET_*`) of the last failure on `t`, if it was a firmware
+ failure (`PAGENC_TRANSPORT_RESULT_FIRMWARE_ERROR`); 0 otherwise or for NULL. Any thread.
+
+ # Safety
+ `t` is NULL or a live transport.
+ */
+uint32_t pagenc_transport_last_fw_status(const struct pagenc_transport *t);
+
+/*
+ Source set-up: refuses SNP, SEV-ES (mode or policy bit 2) and NOSEND (policy bit 3) with
+ `REFUSED` before anything reaches the firmware; then SEND_START (after its session-length
+ query), a check of the policy the firmware reports, and the packet header length query.
+ The session record is kept for `pagenc_transport_session_record`. On a failure after
+ SEND_START succeeded, SEND_CANCEL is issued: the source guest may run on. Call once per
+ migration, from one thread (the migration thread's setup).
+
+ # Safety
+ `t` is NULL or a live transport; `p` is NULL or readable, and its blobs point to their
+ lengths of readable bytes.
+ */
+enum pagenc_transport_result pagenc_transport_send_setup(const struct pagenc_transport *t, const struct pagenc_transport_send_params *p);
+
+/*
+ Copies the session record of the last successful send set-up into `buf` (it must reach the
+ destination before the first page) and its length into `*written`; `BUFFER_TOO_SMALL` with
+ the length in `*written` if `len` is too small (at most `PAGENC_TRANSPORT_SESSION_MAX`),
+ `BAD_STATE` before a send set-up. May be called again. Any thread.
+
+ # Safety
+ `t` is NULL or a live transport; `buf` is NULL or points to `len` writable bytes; `written`
+ is NULL or writable.
+ */
+enum pagenc_transport_result pagenc_transport_session_record(const struct pagenc_transport *t, uint8_t *buf, size_t len, size_t *written);
+
+/*
+ The length of every packet `pagenc_transport_send_page` writes in the current session (0
+ before set-up); never more than `PAGENC_TRANSPORT_PACKET_MAX`. Any thread.
+
+ # Safety
+ `t` is NULL or a live transport.
+ */
+size_t pagenc_transport_packet_len(const struct pagenc_transport *t);
+
+/*
+ Source: sends the encrypted page at guest physical address `gpa`, mapped at `host` (4 KiB
+ aligned guest RAM), through SEND_UPDATE_DATA: writes the packet (prefix, firmware header,
+ ciphertext; docs/transport.md) into `buf` and its length into `*written`.
+ `BUFFER_TOO_SMALL` (size needed in `*written`), `INVALID_ARGUMENT` for an unaligned gpa or
+ one past 2^52, `BAD_STATE` outside a session, `FIRMWARE_ERROR` / `KERNEL_ERROR` with the
+ command, code and page in the message. Any number of threads at once (multifd channels).
+
+ # Safety
+ `t` is NULL or a live transport; `host` is the address of a page of this guest's RAM,
+ mapped for the call; `buf` is NULL or points to `len` writable bytes; `written` is NULL or
+ writable.
+ */
+enum pagenc_transport_result pagenc_transport_send_page(const struct pagenc_transport *t, uint64_t gpa, const void *host, uint8_t *buf, size_t len, size_t *written);
+
+/*
+ Source: SEND_FINISH, only after the destination confirmed it loaded everything (return
+ path): the source guest must never run again afterwards. Any thread, once.
+
+ # Safety
+ `t` is NULL or a live transport.
+ */
+enum pagenc_transport_result pagenc_transport_send_finish(const struct pagenc_transport *t);
+
+/*
+ Source: SEND_CANCEL after a failed or cancelled migration, so the source guest runs on. OK
+ without a session (nothing to undo). Any thread.
+
+ # Safety
+ `t` is NULL or a live transport.
+ */
+enum pagenc_transport_result pagenc_transport_send_cancel(const struct pagenc_transport *t);
+
+/*
+ Destination set-up: checks the session record (`BAD_STREAM` with the field, value and limit
+ for a malformed one), refuses SNP/SEV-ES/NOSEND and a record whose policy differs from the
+ configured `policy` (`REFUSED`), then RECEIVE_START. Before any page.
+
+ # Safety
+ `t` is NULL or a live transport; `record` points to `len` readable bytes.
+ */
+enum pagenc_transport_result pagenc_transport_recv_setup(const struct pagenc_transport *t, uint32_t policy, uint32_t mode, const uint8_t *record, size_t len);
+
+/*
+ Checks a packet's fixed prefix (`PAGENC_TRANSPORT_PACKET_PREFIX` bytes of `prefix`, `len`
+ at least that) and writes the whole packet's length to `*total`, so that a receiver reads
+ exactly that many bytes (never more than `PAGENC_TRANSPORT_PACKET_MAX`). `BAD_STREAM` for a
+ malformed prefix (message on `t`). Any thread.
+
+ # Safety
+ `t` is NULL or a live transport; `prefix` points to `len` readable bytes; `total` is NULL or
+ writable.
+ */
+enum pagenc_transport_result pagenc_transport_packet_size(const struct pagenc_transport *t, const uint8_t *prefix, size_t len, size_t *total);
+
+/*
+ Destination: loads one packet into the page at guest physical address `gpa`, mapped at
+ `host`, through RECEIVE_UPDATE_DATA. The packet must be for that gpa (`BAD_STREAM`
+ otherwise); the firmware checks its integrity before writing guest memory (a damaged packet
+ gives `FIRMWARE_ERROR`, status `SEV_RET_BAD_MEASUREMENT` in the simulation, and leaves the
+ page unchanged). Any number of threads at once.
+
+ # Safety
+ `t` is NULL or a live transport; `host` is the address of a page of this guest's RAM,
+ mapped for the call; `packet` points to `len` readable bytes.
+ */
+enum pagenc_transport_result pagenc_transport_recv_page(const struct pagenc_transport *t, uint64_t gpa, void *host, const uint8_t *packet, size_t len);
+
+/*
+ Destination: RECEIVE_FINISH after the last page and before the guest first runs.
+
+ # Safety
+ `t` is NULL or a live transport.
+ */
+enum pagenc_transport_result pagenc_transport_recv_finish(const struct pagenc_transport *t);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -14,6 +14,8 @@
 //!   callbacks, statistics, the cursor and the run iterator.
 //! - [`stream`]: the versioned migration-stream encoding of the list.
 //! - [`kvm`]: the `struct kvm_run` adapter and VM-fd set-up helpers (ioctls).
+//! - [`transport`]: the encrypted-page transport (SEV SEND/RECEIVE through `KVM_MEMORY_ENCRYPT_OP`,
+//!   or a simulated SEV firmware for tests) and its wire format.
 //! - [`ffi`]: the C ABI (`include/pagenc.h`), a thin layer over the above.
 
 #![deny(missing_debug_implementations)]
@@ -31,6 +33,8 @@ pub mod kvm;
 pub mod stream;
 /// cbindgen:ignore
 pub mod tracker;
+/// cbindgen:ignore
+pub mod transport;
 
 pub use crate::core::{Layout, LayoutError, PageRange, PageState, RamRange, Run};
 pub use crate::hypercall::{HypercallError, RejectReason};

@@ -29,6 +29,7 @@ mod iter;
 mod kvm;
 mod stream;
 mod tracker;
+mod transport;
 
 #[cfg(test)]
 mod abi_check;
@@ -49,4 +50,19 @@ pub use tracker::{
     pagenc_tracker_new, pagenc_tracker_reset, pagenc_tracker_set_change_callback,
     pagenc_tracker_set_layout, pagenc_tracker_set_readiness_callback, pagenc_tracker_stats,
     PAGENC_REJECT_REASONS,
+};
+pub use transport::{
+    pagenc_memslot, pagenc_simfw, pagenc_simfw_cert, pagenc_simfw_config, pagenc_simfw_free,
+    pagenc_simfw_get_stats, pagenc_simfw_guest_may_run, pagenc_simfw_guest_state,
+    pagenc_simfw_inject_failure, pagenc_simfw_new, pagenc_simfw_set_memslots, pagenc_simfw_stats,
+    pagenc_transport, pagenc_transport_free, pagenc_transport_last_error,
+    pagenc_transport_last_fw_status, pagenc_transport_new_kvm, pagenc_transport_new_simfw,
+    pagenc_transport_packet_len, pagenc_transport_packet_size, pagenc_transport_recv_finish,
+    pagenc_transport_recv_page, pagenc_transport_recv_setup, pagenc_transport_result,
+    pagenc_transport_result_str, pagenc_transport_send_cancel, pagenc_transport_send_finish,
+    pagenc_transport_send_page, pagenc_transport_send_params, pagenc_transport_send_setup,
+    pagenc_transport_session_record, PAGENC_SEV_MODE_SEV, PAGENC_SEV_MODE_SEV_ES,
+    PAGENC_SEV_MODE_SEV_SNP, PAGENC_SIMFW_CERT_AMD, PAGENC_SIMFW_CERT_PDH,
+    PAGENC_SIMFW_CERT_PLATFORM, PAGENC_SIMFW_ROLE_DESTINATION, PAGENC_SIMFW_ROLE_SOURCE,
+    PAGENC_TRANSPORT_PACKET_MAX, PAGENC_TRANSPORT_PACKET_PREFIX, PAGENC_TRANSPORT_SESSION_MAX,
 };
