@@ -9,7 +9,7 @@ qemu:
 
 # QEMU's own checkpatch.pl, from the unpacked tree; every patch must have 0 errors.
 check-qemu-patches: qemu
-	@set -e; for p in qemu-patches/*.patch; do \
+	@set -e; for p in $(filter-out %cover-letter.patch,$(wildcard qemu-patches/*.patch)); do \
 	    echo "checkpatch $$p"; \
 	    perl build/qemu-src/scripts/checkpatch.pl --no-color --patch "$$p"; \
 	done

@@ -148,7 +148,11 @@ stage_end unpack
 # --------------------------------------------------------------------------
 say "patch: qemu-patches/*.patch with git am"
 shopt -s nullglob
-series=("$PATCHES"/*.patch)
+series=()
+for p in "$PATCHES"/*.patch; do
+    # 0000-cover-letter.patch describes the series; it is no patch to apply
+    case "$p" in *cover-letter.patch) ;; *) series+=("$p") ;; esac
+done
 shopt -u nullglob
 series_sum=$( (echo "$QEMU_DEB_VERSION"; git_q rev-parse pagenc-workaround
                if [ ${#series[@]} -gt 0 ]; then cat "${series[@]}"; fi) | sha256sum | cut -d' ' -f1)
