@@ -114,7 +114,7 @@ def demo(opts, work: Path, vms: list) -> bool:
     mem = opts.mem * MiB
     append = f"serial mb={opts.dirty_mb}"
 
-    stage(1, "boot the source QEMU with -object pagenc,id=pe0")
+    stage(1, "boot the source QEMU with -object pagenc,id=pe0,x-testing=on")
     # The source logs every page the RAM loop sends and every list change (QEMU trace,
     # log backend) so stage 6 can show that pages converted mid-migration went out again.
     trace = work / "source-trace.log"

@@ -13,13 +13,12 @@ QEMU series is a one-line change here.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import re
-import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,11 @@ from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 ROOT = Path(__file__).resolve().parents[2]
+# The QEMU-starting helper tests/qemu shares
+sys.path.insert(0, str(ROOT / "tests/qemu_helper"))
+import qemu_proc  # noqa: E402
+
+
 QEMU_BIN = Path(os.environ.get("PAGENC_QEMU", ROOT / "build/qemu-build/qemu-system-x86_64"))
 PAYLOAD = ROOT / "guest/build/payload.elf"
 BIOS_DIR = os.environ.get("PAGENC_BIOS_DIR", "/usr/share/seabios")
@@ -61,15 +65,6 @@ class QmpError(HarnessError):
         self.cmd = cmd
         self.error_class = error_class
         self.desc = desc
-
-
-def _die_with_parent():
-    """In the child before exec: SIGTERM when the harness dies, even by SIGKILL, so no
-    QEMU outlives a killed demo or test run (PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def kvm_usable() -> bool:
@@ -213,7 +208,7 @@ class Vm:
         for p in self.qmp_extra_paths:
             args += ["-qmp", f"unix:{p},server=on,wait=off"]
         if pagenc:
-            args += ["-object", "pagenc,id=pe0"]
+            args += ["-object", "pagenc,id=pe0,x-testing=on"]
         if incoming:
             args += ["-incoming", incoming]
         if paused:
@@ -232,31 +227,14 @@ class Vm:
             raise HarnessError(f"{QEMU_BIN} does not exist: run scripts/build-qemu.sh")
         if not PAYLOAD.exists():
             raise HarnessError(f"{PAYLOAD} does not exist: run make -C guest")
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        self.qmp = self._connect(self.qmp_path, timeout)
+        self.proc, self.qmp = qemu_proc.start(self.args, self.qmp_path, self.stderr_path,
+                                              timeout, self.name, error=HarnessError)
         return self
 
     def _connect(self, path: Path, timeout: float) -> QEMUMonitorProtocol:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HarnessError(
-                    f"{self.name}: QEMU exited with {self.proc.returncode} before QMP was up:\n"
-                    f"{self.stderr_text()}\ncommand: {' '.join(self.args)}")
-            if path.exists():
-                qmp = QEMUMonitorProtocol(str(path))
-                try:
-                    qmp.connect()
-                    qmp.settimeout(timeout)
-                    return qmp
-                except Exception as e:  # not listening yet
-                    last = e
-            time.sleep(0.05)
-        raise HarnessError(f"{self.name}: no QMP on {path} after {timeout:.0f}s ({last})")
+        return qemu_proc.connect_qmp(
+            self.proc, path, timeout, self.name,
+            lambda: f"{self.stderr_text()}\ncommand: {' '.join(self.args)}", HarnessError)
 
     def extra_qmp(self, index: int = 0) -> QEMUMonitorProtocol:
         """A second QMP connection for another thread (one connection per thread)."""
@@ -275,24 +253,12 @@ class Vm:
 
     def kill(self):
         """Close everything and make sure the process is gone. Safe to call twice."""
-        for q in [self.qmp, *self._extra_qmps]:
-            if q is not None:
-                try:
-                    q.close()
-                except Exception:
-                    pass
-        self.qmp = None
-        self._extra_qmps = []
         if self._serial is not None:
             self._serial.close()
             self._serial = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        qemu_proc.stop(self.proc, [self.qmp, *self._extra_qmps])
+        self.qmp = None
+        self._extra_qmps = []
 
     def stderr_text(self) -> str:
         try:

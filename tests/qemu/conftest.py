@@ -17,14 +17,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 ROOT = Path(__file__).resolve().parents[2]
+# The QEMU-starting helper tests/e2e shares
+sys.path.insert(0, str(ROOT / "tests/qemu_helper"))
+import qemu_proc  # noqa: E402
+
 QEMU = Path(os.environ.get("PAGENC_QEMU", ROOT / "build/qemu-build/qemu-system-x86_64"))
 BIOS = os.environ.get("PAGENC_BIOS_DIR", "/usr/share/seabios")
 # Debian's ovmf and ipxe-qemu, unpacked by scripts/build-qemu.sh (stage "firmware")
@@ -75,29 +79,10 @@ class Qemu:
 
     # -- process ---------------------------------------------------------
     def start(self) -> "Qemu":
-        self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(self.cmdline, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                     start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"QEMU exited with {self.proc.returncode} at start:\n"
-                                     + self.stderr())
-            if os.path.exists(self.sock):
-                qmp = QEMUMonitorProtocol(self.sock)
-                try:
-                    qmp.connect(negotiate=True)
-                    qmp.settimeout(QMP_TIMEOUT)
-                    self.qmp = qmp
-                    return self
-                except Exception:       # socket there but not listening yet
-                    qmp.close()
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"QEMU QMP socket not up after {START_TIMEOUT}s:\n"
-                                     + self.stderr())
-            time.sleep(0.05)
+        self.proc, self.qmp = qemu_proc.start(self.cmdline, self.sock, self.stderr_path,
+                                              START_TIMEOUT, self.name)
+        self.qmp.settimeout(QMP_TIMEOUT)
+        return self
 
     def stderr(self) -> str:
         try:
@@ -113,24 +98,8 @@ class Qemu:
             raise AssertionError(f"QEMU {self.name} did not exit within {timeout}s")
 
     def kill(self):
-        if self.qmp is not None:
-            try:
-                self.qmp.close()
-            except Exception:
-                pass
-            self.qmp = None
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        if getattr(self, "_stderr", None):
-            self._stderr.close()
-            self._stderr = None
+        qemu_proc.stop(self.proc, [self.qmp])
+        self.qmp = None
 
     # -- QMP -------------------------------------------------------------
     def raw(self, cmd: str, **args) -> dict:
@@ -178,9 +147,10 @@ class Qemu:
         return self.wait_for(done, "migration to finish", timeout)
 
 
-def run_qemu_expect_failure(args: list[str], timeout: float = 20.0) -> tuple[int, str]:
+def run_qemu_expect_failure(args: list[str], timeout: float = 20.0,
+                            accel: str = ACCEL) -> tuple[int, str]:
     """Run QEMU that must refuse its command line; returns (exit code, stderr)."""
-    cmd = [str(QEMU), "-machine", "q35", "-accel", ACCEL, "-nographic", "-nodefaults",
+    cmd = [str(QEMU), "-machine", "q35", "-accel", accel, "-nographic", "-nodefaults",
            "-L", BIOS, "-m", "256", "-serial", "none", "-monitor", "none", "-S"] + args
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
@@ -234,7 +204,7 @@ def vms(workdir):
 @pytest.fixture
 def vm(vms):
     """A running QEMU with -object pagenc,id=pe0."""
-    return vms("src", ["-object", "pagenc,id=pe0"])
+    return vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
 
 
 class Qtest:

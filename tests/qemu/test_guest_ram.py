@@ -49,7 +49,7 @@ def test_tseg_enabled_source_migrates(vms, workdir):
     # Finding 1's reproduction: enable q35's 1 MiB TSEG as OVMF with SMM does,
     # through qtest (ESMRAMC T_EN), then migrate to a fresh destination.
     qt = workdir / "qtest.sock"
-    args = ["-object", "pagenc,id=pe0"]
+    args = ["-object", "pagenc,id=pe0,x-testing=on"]
     src = vms("src", args + ["-S", "-qtest", f"unix:{qt},server=on,wait=off"], accel="tcg")
     q = Qtest(qt)
     for line in ("outl 0xcf8 0x8000009c", "outb 0xcfd 0x0a", "outb 0xcfe 0x01"):
@@ -69,7 +69,7 @@ def test_tseg_enabled_source_migrates(vms, workdir):
 def test_default_devices_migrate(vms, workdir):
     # No -nodefaults: std VGA (vga.vram behind a BAR SeaBIOS programs), e1000e with its
     # option ROM, ... The destination loads the list before any of that device state.
-    args = ["-object", "pagenc,id=pe0"]
+    args = ["-object", "pagenc,id=pe0,x-testing=on"]
     src = vms("src", args, defaults=True)
     src.wait_for(lambda: "vga.vram" in src.hmp("info mtree -f"), "SeaBIOS to map VGA's VRAM", 60)
     want = share_and_get_ready(src)
@@ -92,7 +92,7 @@ def test_ovmf_boot_manager_live_migration(vms, workdir, variant):
     def args(side):
         vars_fd = workdir / f"{side}-vars.fd"
         shutil.copy(OVMF_DIR / "OVMF_VARS_4M.fd", vars_fd)
-        a = ["-object", "pagenc,id=pe0",
+        a = ["-object", "pagenc,id=pe0,x-testing=on",
              "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
              "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}"]
         if variant == "smm-secboot":
@@ -124,7 +124,7 @@ def test_roms_and_vram_are_not_guest_ram(vms, workdir):
     # Finding 6: every page the RAM loop sends, traced with its class.  ROMs and VRAM are
     # NOT_RAM (sent as they are), every pc.ram page is guest RAM at GPA == offset (256 MiB,
     # all below 4 GiB), including the pages the VGA window hides at 0xa0000.
-    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off", "-device", "VGA",
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off,x-testing=on", "-device", "VGA",
                       "-trace", "pagenc_ram_page"])
     src.wait_for(lambda: "vga.vram" in src.hmp("info mtree -f"), "SeaBIOS to map VGA's VRAM", 60)
     src.map(16 * MiB, 8, 0)

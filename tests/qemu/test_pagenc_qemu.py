@@ -134,7 +134,7 @@ def test_msr_readiness_and_blocker(vm):
 
 
 def test_require_ready_off_has_no_blocker(vms):
-    q = vms("src", ["-object", "pagenc,id=pe0,require-ready=off"])
+    q = vms("src", ["-object", "pagenc,id=pe0,require-ready=off,x-testing=on"])
     assert q.pagenc()["migration-blocked"] is False
 
 
@@ -168,7 +168,7 @@ def test_guest_reset_forgets_everything(vm):
 
 def test_layout_follows_memory_map_above_4g(vms):
     # 4 GiB on q35: pc.ram below 2 GiB and, through an alias, from 4 GiB up.
-    q = vms("big", ["-object", "pagenc,id=pe0"], mem="4G")
+    q = vms("big", ["-object", "pagenc,id=pe0,x-testing=on"], mem="4G")
     info = q.pagenc()
     assert 4 * GiB <= info["ram-bytes"] < 4 * GiB + 4 * MiB
     assert q.map(4 * GiB + 8 * MiB, 16, 0) == 0
@@ -183,12 +183,12 @@ def test_layout_follows_memory_map_above_4g(vms):
 # --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
-    (["-object", "pagenc,id=pe0", "-object", "pagenc,id=pe1"],
+    (["-object", "pagenc,id=pe0,x-testing=on", "-object", "pagenc,id=pe1,x-testing=on"],
      "only one pagenc object is allowed, 'pe0' already exists"),
-    (["-object", "pagenc,id=pe0,cpuid=maybe"], "Parameter 'cpuid' expects 'on' or 'off'"),
-    (["-object", "pagenc,id=pe0,require-ready=2"],
+    (["-object", "pagenc,id=pe0,cpuid=maybe,x-testing=on"], "Parameter 'cpuid' expects 'on' or 'off'"),
+    (["-object", "pagenc,id=pe0,require-ready=2,x-testing=on"],
      "Parameter 'require-ready' expects 'on' or 'off'"),
-    (["-object", "pagenc,id=pe0,bogus=1"], "Invalid parameter 'bogus'"),
+    (["-object", "pagenc,id=pe0,bogus=1,x-testing=on"], "Invalid parameter 'bogus'"),
     (["-object", "pagenc"], "Parameter 'id' is missing"),
 ])
 def test_bad_object_arguments(args, message):
@@ -198,7 +198,7 @@ def test_bad_object_arguments(args, message):
 
 
 def test_second_object_over_qmp_and_deletion(vm):
-    err = vm.error("object-add", **{"qom-type": "pagenc", "id": "pe1"})
+    err = vm.error("object-add", **{"qom-type": "pagenc", "id": "pe1", "x-testing": True})
     assert "only one pagenc object is allowed, 'pe0' already exists" in err.desc
     props = vm.cmd("qom-list-properties", typename="pagenc")
     descs = {p["name"]: p.get("description", "") for p in props}
@@ -211,7 +211,7 @@ def test_second_object_over_qmp_and_deletion(vm):
     else:
         vm.cmd("object-del", id="pe0")
         assert "no pagenc object" in vm.error("query-pagenc").desc
-        vm.cmd("object-add", **{"qom-type": "pagenc", "id": "pe2"})
+        vm.cmd("object-add", **{"qom-type": "pagenc", "id": "pe2", "x-testing": True})
         assert vm.pagenc()["id"] == "pe2"
 
 
@@ -233,8 +233,8 @@ def test_without_object_qemu_is_unchanged(vms, workdir):
 
 @pytest.mark.skipif(ACCEL != "kvm", reason="KVM capability and CPUID set-up only with -accel kvm")
 @pytest.mark.parametrize("args,init,cpuid", [
-    (["-object", "pagenc,id=pe0"], True, True),
-    (["-object", "pagenc,id=pe0,cpuid=off"], True, False),
+    (["-object", "pagenc,id=pe0,x-testing=on"], True, True),
+    (["-object", "pagenc,id=pe0,cpuid=off,x-testing=on"], True, False),
     ([], False, False),
 ])
 def test_kvm_cap_and_cpuid(vms, args, init, cpuid):
@@ -263,7 +263,7 @@ def find_list_record(data: bytes) -> int:
 
 
 def test_migration_roundtrip_through_file(vms, workdir):
-    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
     src.map(16 * MiB, 8, 0)
     src.map(64 * MiB, 512, ATTR_2M)
     src.set_mc(1)
@@ -279,7 +279,7 @@ def test_migration_roundtrip_through_file(vms, workdir):
     assert info["pages-sent-encrypted"] >= (256 * MiB // PAGE) - 8 - 512 - 64
     assert b"pagenc" in path.read_bytes()
 
-    dst = vms("dst", ["-object", "pagenc,id=pe0", "-incoming", "defer"])
+    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-incoming", "defer"])
     dst.cmd("migrate-incoming", uri=f"file:{path}")
     dst.wait_for(lambda: dst.cmd("query-status")["status"] in ("running", "paused",
                                                               "postmigrate"),
@@ -293,7 +293,7 @@ def test_migration_roundtrip_through_file(vms, workdir):
 
 
 def test_destination_without_object_refuses_stream(vms, workdir):
-    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off"])
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off,x-testing=on"])
     src.map(16 * MiB, 8, 0)
     path = workdir / "vm.mig"
     src.cmd("migrate", uri=f"file:{path}")
@@ -311,7 +311,7 @@ def test_destination_without_object_refuses_stream(vms, workdir):
     ("length", "bytes long, more than the"),
 ])
 def test_bad_section_fails_incoming_migration(vms, workdir, corrupt, message):
-    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
     src.map(16 * MiB, 8, 0)
     src.set_mc(1)
     src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
@@ -328,7 +328,7 @@ def test_bad_section_fails_incoming_migration(vms, workdir, corrupt, message):
         data[rec:rec + 4] = struct.pack(">I", 0xf0000000)   # > what 256 MiB of RAM takes
     path.write_bytes(bytes(data))
 
-    dst = vms("dst", ["-object", "pagenc,id=pe0", "-incoming", "defer"])
+    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-incoming", "defer"])
     dst.cmd("migrate-incoming", uri=f"file:{path}", **{"exit-on-error": False})
     st = dst.wait_for(lambda: (lambda s: s if s.get("status") == "failed" else None)(
         dst.cmd("query-migrate")), "the incoming migration to fail")
@@ -360,7 +360,7 @@ def test_postcopy_is_refused(vm):
 def test_pages_converted_during_migration_are_sent_again(vms, workdir):
     # A paused guest dirties nothing: only pagenc's change callback can
     # make pages go out a second time.
-    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off", "-S"])
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off,x-testing=on", "-S"])
     src.cmd("migrate-set-capabilities",
             capabilities=[{"capability": "pause-before-switchover", "state": True}])
     path = workdir / "vm.mig"
@@ -382,7 +382,7 @@ def test_pages_converted_during_migration_are_sent_again(vms, workdir):
 
 
 def test_memory_hotplug_updates_layout(vms):
-    q = vms("hp", ["-object", "pagenc,id=pe0"], mem="256,slots=2,maxmem=1G")
+    q = vms("hp", ["-object", "pagenc,id=pe0,x-testing=on"], mem="256,slots=2,maxmem=1G")
     before = q.pagenc()["ram-bytes"]
     q.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m1",
                            "size": 128 * MiB})
@@ -452,7 +452,7 @@ def test_guest_msr_writes_reach_pagenc(vms, workdir):
     rom = workdir / "msr.rom"
     rom.write_bytes(msr_option_rom())
     out = workdir / "debugcon.txt"
-    q = vms("guest", ["-object", "pagenc,id=pe0", "-option-rom", str(rom),
+    q = vms("guest", ["-object", "pagenc,id=pe0,x-testing=on", "-option-rom", str(rom),
                       "-chardev", f"file,id=dbg,path={out}",
                       "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
                       "-trace", "pagenc_*msr"])
@@ -490,7 +490,7 @@ def test_guest_cpuid_off(vms, workdir):
     rom = workdir / "msr.rom"
     rom.write_bytes(msr_option_rom())
     out = workdir / "debugcon.txt"
-    q = vms("guest", ["-object", "pagenc,id=pe0,cpuid=off", "-option-rom", str(rom),
+    q = vms("guest", ["-object", "pagenc,id=pe0,cpuid=off,x-testing=on", "-option-rom", str(rom),
                       "-chardev", f"file,id=dbg,path={out}",
                       "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
     q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 3, "the guest's output", 30)
@@ -505,7 +505,7 @@ def test_refused_stream_leaves_source_running(vms, workdir):
     dst.cmd("migrate-set-capabilities",
             capabilities=[{"capability": "return-path", "state": True}])
     dst.cmd("migrate-incoming", uri=f"unix:{sock}")
-    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off"])
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off,x-testing=on"])
     src.map(16 * MiB, 8, 0)
     src.cmd("migrate-set-capabilities",
             capabilities=[{"capability": "return-path", "state": True}])
@@ -520,9 +520,9 @@ def test_refused_stream_leaves_source_running(vms, workdir):
 
 def test_live_migration_between_two_qemus(vms, workdir):
     sock = workdir / "mig.sock"
-    dst = vms("dst", ["-object", "pagenc,id=pe0", "-incoming", "defer"])
+    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-incoming", "defer"])
     dst.cmd("migrate-incoming", uri=f"unix:{sock}")
-    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
     src.map(16 * MiB, 8, 0)
     src.map(0x100000, 1, 0)
     src.set_mc(1)
@@ -586,7 +586,7 @@ def shared_and_ready(q):
     return ranges(q.pagenc())
 
 
-def load_file(vms, workdir, path, name="dst", args=("-object", "pagenc,id=pe0")):
+def load_file(vms, workdir, path, name="dst", args=("-object", "pagenc,id=pe0,x-testing=on")):
     dst = vms(name, list(args) + ["-incoming", "defer"])
     dst.cmd("migrate-incoming", uri=f"file:{path}", **{"exit-on-error": False})
     st = dst.wait_for(lambda: (lambda s: s if s.get("status") in ("completed", "failed")
@@ -596,7 +596,7 @@ def load_file(vms, workdir, path, name="dst", args=("-object", "pagenc,id=pe0"))
 
 
 def test_background_snapshot_carries_the_list(vms, workdir):
-    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
     want = shared_and_ready(src)
     src.cmd("migrate-set-capabilities",
             capabilities=[{"capability": "background-snapshot", "state": True}])
@@ -618,12 +618,12 @@ def test_savevm_loadvm_carries_the_list(vms, workdir):
     disk = workdir / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
     drive = ["-drive", f"if=none,id=d0,format=qcow2,file={disk}"]
-    src = vms("src", ["-object", "pagenc,id=pe0"] + drive)
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"] + drive)
     want = shared_and_ready(src)
     out = src.hmp("savevm s1")
     assert "Error" not in out, out
     src.kill()
-    dst = vms("dst", ["-object", "pagenc,id=pe0", "-S"] + drive)
+    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-S"] + drive)
     out = dst.hmp("loadvm s1")
     assert "Error" not in out, out
     got = dst.pagenc()
@@ -640,7 +640,7 @@ def start_held_migration(vm, workdir):
 
 
 def test_blocker_comes_back_after_a_cancelled_migration(vms, workdir):
-    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
     shared_and_ready(src)
     start_held_migration(src, workdir)
     assert src.set_mc(0) is True               # withdrawn while the migration runs
@@ -653,7 +653,7 @@ def test_blocker_comes_back_after_a_cancelled_migration(vms, workdir):
 
 
 def test_readiness_withdrawn_during_migration_fails_it_with_pagenc_reason(vms, workdir):
-    src = vms("src", ["-object", "pagenc,id=pe0"])
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
     shared_and_ready(src)
     start_held_migration(src, workdir)
     assert src.set_mc(0) is True
@@ -668,7 +668,7 @@ def test_readiness_withdrawn_during_migration_fails_it_with_pagenc_reason(vms, w
 
 
 def test_hostile_list_fits_the_derived_cap_and_goes_after_ram(vms, workdir):
-    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off", "-S",
+    src = vms("src", ["-object", "pagenc,id=pe0,require-ready=off,x-testing=on", "-S",
                       "-trace", "savevm_section_start"])
     # A hostile list: every other page of 64 MiB shared (8192 ranges: bitmap chunks).
     for i in range(0, 16384, 2):
@@ -681,10 +681,47 @@ def test_hostile_list_fits_the_derived_cap_and_goes_after_ram(vms, workdir):
     (length,) = struct.unpack(">I", data[rec:rec + 4])
     # One 32768-page chunk as a 4096-byte bitmap + headers (the cap for 256 MiB: 10 chunks)
     assert 4096 <= length <= 4108 + 64
-    dst = load_file(vms, workdir, path, args=("-object", "pagenc,id=pe0,require-ready=off"))
+    dst = load_file(vms, workdir, path, args=("-object", "pagenc,id=pe0,require-ready=off,x-testing=on"))
     assert dst.pagenc()["shared-ranges"] == 8192
     # Finding 12: the list is device state, saved after the RAM section's last pages.
     src.kill()
     order = re.findall(r"savevm_section_start (\S+), section_id", src.stderr())
     assert "pagenc" in order and "ram" in order, order
     assert max(i for i, n in enumerate(order) if n == "ram") < order.index("pagenc"), order
+
+
+
+# --------------------------------------------------------------------------
+# Where the object may exist (review findings 7, 17, 18)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_object_needs_kvm_and_an_sev_guest(accel):
+    if accel == "kvm" and ACCEL != "kvm":
+        pytest.skip("no /dev/kvm")
+    cmd = ["-object", "pagenc,id=pe0"]
+    rc, err = run_qemu_expect_failure(cmd, accel=accel)
+    assert rc != 0
+    if accel == "kvm":
+        assert "pagenc 'pe0': -object pagenc needs an SEV or SEV-ES guest" in err, err
+    else:
+        assert "pagenc 'pe0': -object pagenc needs KVM (accelerator 'tcg'" in err, err
+    assert "x-testing=on allows it for tests" in err, err
+
+
+def test_qtest_may_use_the_object_and_the_x_commands(vms):
+    q = vms("qt", ["-object", "pagenc,id=pe0"], accel="qtest")
+    assert q.map(16 * MiB, 2, 0) == 0
+    assert q.set_mc(1) is True
+    assert ranges(q.pagenc()) == [(16 * MiB, 2 * PAGE)]
+
+
+def test_require_ready_changes_at_run_time(vm):
+    # An operator evacuating a host overrides a guest that never became ready.
+    assert vm.pagenc()["migration-blocked"] is True
+    vm.cmd("qom-set", path="/objects/pe0", property="require-ready", value=False)
+    assert vm.pagenc()["migration-blocked"] is False
+    vm.cmd("qom-set", path="/objects/pe0", property="require-ready", value=True)
+    assert vm.pagenc()["migration-blocked"] is True
+    err = vm.error("migrate", uri="exec:cat >/dev/null")
+    assert "KVM_MIGRATION_READY" in err.desc
