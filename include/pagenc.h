@@ -121,6 +121,46 @@ typedef enum pagenc_result {
 } pagenc_result;
 
 /*
+ What was wrong with a stream `pagenc_load_detailed` refused, in the classes a VMM acts on
+ differently. The values are stable: never renumbered or reused, new ones only appended.
+ */
+typedef enum pagenc_stream_problem {
+  /*
+   The stream loaded, or the call failed for a reason that is not the stream's (NULL
+   argument, `PAGENC_RESULT_REENTRANT`, `PAGENC_RESULT_INTERNAL`, ...).
+   */
+  PAGENC_STREAM_PROBLEM_NONE = 0,
+  /*
+   Not a page-encryption stream at all (the magic is not "PGEL").
+   */
+  PAGENC_STREAM_PROBLEM_NOT_A_STREAM = 1,
+  /*
+   Written by a newer pagenc than this one: upgrade the destination.
+   */
+  PAGENC_STREAM_PROBLEM_NEWER_VERSION = 2,
+  /*
+   A format version this pagenc does not read: one an older pagenc wrote (version 1, which
+   had no checksum and did not name its layout) or one never written.
+   */
+  PAGENC_STREAM_PROBLEM_OLD_VERSION = 3,
+  /*
+   Made for another RAM layout than the destination's (sizes, ends or ranges differ):
+   start the destination with the source's memory configuration.
+   */
+  PAGENC_STREAM_PROBLEM_WRONG_LAYOUT = 4,
+  /*
+   Damaged in transit or storage: the CRC32C checksum does not match, or the stream is too
+   short to hold one. Sending it again may work.
+   */
+  PAGENC_STREAM_PROBLEM_DAMAGED = 5,
+  /*
+   The checksum matches but the content breaks the format's rules (a faulty or hostile
+   writer; sending it again will not help).
+   */
+  PAGENC_STREAM_PROBLEM_INVALID = 6,
+} pagenc_stream_problem;
+
+/*
  Why the guest's call or MSR write was refused: the index into `pagenc_stats.rejected`.
  */
 typedef enum pagenc_reject_reason {
@@ -462,21 +502,36 @@ enum pagenc_result pagenc_save_to(const struct pagenc_tracker *t, pagenc_write_f
 
 /*
  Replaces the tracker's list and MSR value with those of the stream in `buf` (`len` bytes),
- all or nothing: a stream that is truncated, of an unknown version, for another RAM layout,
- unsorted, overlapping, not canonical, with trailing bytes, ... gives
+ all or nothing: a stream that is damaged (checksum), truncated, of a version this build does
+ not read, for another RAM layout, unsorted, overlapping, not canonical, ... gives
  `PAGENC_RESULT_BAD_STREAM`, the message names the offending field, value and byte offset,
- and the tracker is exactly as before. The stream is hostile input: it is checked completely
- and never makes pagenc allocate more than the destination's RAM layout justifies.
+ and the tracker is exactly as before. `pagenc_load_detailed` also says which class of
+ problem it was. The stream is hostile input: its checksum is checked before any other field
+ is believed, it is checked completely, and it never makes pagenc allocate more than the
+ destination's RAM layout justifies.
 
  On success no change callback is called (the loaded list is the truth, there is nothing to
- re-send); the readiness callback hears a change of readiness. The layout must not change
- while this runs. Any thread.
+ re-send); the readiness callback hears a change of readiness. If the layout changes while
+ this runs, the load is refused with `PAGENC_RESULT_INVALID_LAYOUT` and nothing changes. Any
+ thread.
 
  # Safety
  `t` is NULL or a live tracker; `buf` is NULL (only with `len` 0) or points to `len` readable
  bytes.
  */
 enum pagenc_result pagenc_load(struct pagenc_tracker *t, const uint8_t *buf, size_t len);
+
+/*
+ `pagenc_load`, and the class of the problem of a refused stream in `*problem` (when
+ `problem` is not NULL; written on every return, `PAGENC_STREAM_PROBLEM_NONE` on success and
+ on failures that are not the stream's), so that a VMM can tell a stream for another RAM
+ layout from a damaged one or one from a newer pagenc without parsing the message. The
+ result codes are those of `pagenc_load`. Any thread.
+
+ # Safety
+ As for `pagenc_load`; `problem` is NULL or writable.
+ */
+enum pagenc_result pagenc_load_detailed(struct pagenc_tracker *t, const uint8_t *buf, size_t len, enum pagenc_stream_problem *problem);
 
 /*
  Creates a tracker for a guest whose RAM is the `n` ranges at `ram` (any order; adjacent

@@ -2,15 +2,17 @@
 //!
 //! The format is documented field by field in `docs/stream-format.md`. In short: a 56-byte
 //! big-endian header (magic `PGEL`, version, flags, the source's RAM layout summary, the MSR
-//! value, shared pages, range and record counts) followed by records in ascending gfn order:
-//! a range record (varint start gfn and length, 64-bit page numbers) for each shared range, or a
-//! bitmap record for runs of 2^15-page chunks whose ranges would take more bytes than the
-//! chunk's 4 KiB bitmap. So an ordinary map costs a few bytes per range, and a hostile,
-//! fragmented one never much more than a bitmap of guest RAM.
+//! value, shared pages, range and record counts), the source's RAM ranges, then records in
+//! ascending gfn order, then a CRC32C of everything before it: a range record (varint start gfn
+//! and length, 64-bit page numbers) for each shared range, or a bitmap record for runs of
+//! 2^15-page chunks whose ranges would take more bytes than the chunk's 4 KiB bitmap. So an
+//! ordinary map costs a few bytes per range, and a hostile, fragmented one never much more than
+//! a bitmap of guest RAM.
 //!
-//! Loading checks everything against the destination's layout and the remaining bytes before
-//! using it, builds the new map aside and swaps it in only when the whole stream was good: a
-//! failed [`load`] leaves the tracker exactly as it was.
+//! Loading checks the checksum first, then everything against the destination's layout (its
+//! ranges, not only its size) and the remaining bytes before using it, builds the new map aside
+//! and swaps it in only when the whole stream was good: a failed [`load`] leaves the tracker
+//! exactly as it was.
 
 mod decode;
 mod encode;
@@ -19,7 +21,9 @@ pub mod format;
 
 pub use decode::decode;
 pub use encode::{encode, encode_to_vec, map_encoded_len};
-pub use error::{CountField, LayoutField, StreamError, StreamErrorKind, VarintProblem};
+pub use error::{
+    CountField, LayoutField, StreamError, StreamErrorKind, StreamProblem, VarintProblem,
+};
 
 use crate::tracker::Tracker;
 
