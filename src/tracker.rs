@@ -11,8 +11,9 @@
 //!
 //! Readers do not block writers for long: the cursor answers from cached runs without locking
 //! as long as the map's generation number has not moved, and the iterator reads through a
-//! cursor, so it takes the lock once per refill (up to 64 runs), not per run. Each answer is exact at some instant during the call; a change made after
-//! that instant is followed by a change callback, which is what lets the VMM re-send the pages.
+//! cursor, so it takes the lock once per refill (up to 64 runs), not per run. Each answer is
+//! exact at some instant during the call; a change made after that instant is followed by a
+//! change callback, which is what lets the VMM re-send the pages.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +104,8 @@ impl HypercallOutcome {
 /// A snapshot of the tracker's statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// MAP_GPA_RANGE (and other) hypercalls handed to the tracker, accepted or not.
+    /// MAP_GPA_RANGE (and other) hypercalls handed to the tracker, whatever came of them:
+    /// accepted, refused, re-entrant, or failed on a poisoned tracker.
     pub hypercalls: u64,
     /// Rejections by [`RejectReason`] (MSR writes included, under `ReservedMsrBits`).
     pub rejected: [u64; RejectReason::COUNT],
@@ -145,6 +147,10 @@ pub struct Tracker {
     callback_thread: AtomicU64,
     /// Rejections are counted without the lock: a guest spamming bad calls must not contend.
     rejected: [AtomicU64; RejectReason::COUNT],
+    /// Valid hypercalls that could not take the lock (re-entrant from a callback, or the
+    /// tracker poisoned): counted apart so that `Stats::hypercalls` counts every call without
+    /// an atomic on the accepted path (accepted calls are counted under the lock).
+    unlocked_calls: AtomicU64,
 }
 
 impl fmt::Debug for Tracker {
@@ -180,6 +186,7 @@ impl Tracker {
             msr: AtomicU64::new(0),
             callback_thread: AtomicU64::new(0),
             rejected: Default::default(),
+            unlocked_calls: AtomicU64::new(0),
         }
     }
 
@@ -236,7 +243,13 @@ impl Tracker {
                 return Err(e.into());
             }
         };
-        let mut guard = self.lock()?;
+        let mut guard = match self.lock() {
+            Ok(g) => g,
+            Err(e) => {
+                self.unlocked_calls.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         let inner = &mut *guard;
         inner.accepted += 1;
         let summary = self.apply(inner, request.range, request.state);
@@ -387,6 +400,7 @@ impl Tracker {
         }
         Ok(Stats {
             hypercalls: inner.accepted
+                + self.unlocked_calls.load(Ordering::Relaxed)
                 + rejected[..RejectReason::ReservedMsrBits as usize]
                     .iter()
                     .sum::<u64>(),

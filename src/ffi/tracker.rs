@@ -88,7 +88,11 @@ impl From<RejectReason> for pagenc_reject_reason {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct pagenc_stats {
-    /// Hypercalls handed to the tracker, accepted or refused (MSR writes not included).
+    /// Hypercalls handed to the tracker (`pagenc_map_gpa_range`, `pagenc_hypercall`, and
+    /// `pagenc_handle_exit` for KVM_EXIT_HYPERCALL) with a non-NULL `t`, whatever the result:
+    /// accepted, refused (`PAGENC_RESULT_GUEST_REJECTED`), `PAGENC_RESULT_REENTRANT`, and the
+    /// call that ran into an internal error (after which the tracker refuses
+    /// `pagenc_tracker_stats` too). MSR accesses are not included.
     pub hypercalls: u64,
     /// Refusals, indexed by `pagenc_reject_reason` (MSR writes with reserved bits under
     /// `PAGENC_REJECT_REASON_RESERVED_MSR_BITS`).
@@ -196,11 +200,13 @@ impl CCallback<ReadinessFn> {
 /// # Safety
 /// `ram` is NULL or points to `n` readable ranges.
 unsafe fn layout_from_c(ram: *const pagenc_ram_range, n: usize) -> Result<Layout, Error> {
-    if n > MAX_RAM_RANGES {
-        return Err(LayoutError::TooManyRanges { count: n }.into());
-    }
+    // NULL first, as the header promises: a NULL `ram` with any `n` > 0 is NULL_ARGUMENT, even
+    // an `n` that would also be too many ranges.
     if n != 0 && ram.is_null() {
         return Err(Error::Null("ram"));
+    }
+    if n > MAX_RAM_RANGES {
+        return Err(LayoutError::TooManyRanges { count: n }.into());
     }
     let ram = if n == 0 {
         &[][..]
