@@ -501,9 +501,13 @@ uint32_t pagenc_kvm_cpuid_features(void);
 
  If `len` is too small, returns `PAGENC_RESULT_BUFFER_TOO_SMALL` and writes the size needed
  into `*written` (the one output written on a failure), leaving `buf` untouched: call with
- `buf` = NULL, `len` = 0 to learn the size. Since vCPUs may keep changing the list, the size
- can grow before the next call; `pagenc_save_to` has no such round trip. The stream is a
- snapshot taken under the tracker's lock. Any thread.
+ `buf` = NULL, `len` = 0 to learn the size. That size query computes the length without
+ encoding, so a query and a save encode the list once. Since vCPUs may keep changing the
+ list, the size can grow before the next call; `pagenc_save_to` has no such round trip.
+
+ The stream is a snapshot taken under the tracker's lock in O(chunks of 128 MiB of guest
+ address space holding shared pages): the lock is not held while the list is encoded, so
+ vCPUs are not stalled by the size of the list. Any thread.
 
  # Safety
  `t` is NULL or a live tracker; `buf` is NULL or points to `len` writable bytes; `written`
@@ -599,7 +603,9 @@ void pagenc_tracker_free(struct pagenc_tracker *t);
 /*
  Replaces the RAM layout (memory hotplug and unplug), with the rules of `pagenc_tracker_new`.
  Shared pages that are still RAM stay shared; pages that stop being RAM are forgotten. On
- failure nothing changes and `pagenc_last_error` says which range is wrong. Any thread.
+ failure nothing changes and `pagenc_last_error` says which range is wrong. The tracker's
+ lock is held for O(chunks of 128 MiB holding shared pages), never for O(shared ranges), so
+ vCPUs are not stalled by how fragmented the guest made its list. Any thread.
 
  # Safety
  `t` is NULL or a live tracker; `ram` is NULL or points to `n` readable ranges.
@@ -609,7 +615,9 @@ enum pagenc_result pagenc_tracker_set_layout(struct pagenc_tracker *t, const str
 /*
  Guest reset (reboot): every page encrypted again and migration not ready. The change callback
  hears every range that was shared; the readiness callback hears the change if the guest was
- ready. Any thread.
+ ready. Without a change callback the list is emptied in O(1) under the tracker's lock and
+ freed after it; with one, the lock is held while the callback hears every shared range (its
+ ordering promise), O(shared ranges). Any thread.
 
  # Safety
  `t` is NULL or a live tracker.

@@ -358,32 +358,50 @@ impl Tracker {
 
     /// Guest reset: every page encrypted again (the change callback hears each shared range)
     /// and migration not ready (the readiness callback hears it if it was).
+    ///
+    /// The map is emptied in O(1) under the lock and the old one freed after it is released.
+    /// With a change callback installed, the callback hears every shared range under the lock
+    /// (that is its ordering promise), so the lock is then held O(shared ranges).
     pub fn reset(&self) -> Result<(), TrackerError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         let Inner { map, on_change, .. } = inner;
-        let mut bumped = false;
-        self.in_callbacks(|| {
-            map.clear(&mut |r| {
-                if !bumped {
-                    self.bump_generation();
-                    bumped = true;
-                }
-                if let Some(cb) = on_change.as_mut() {
-                    cb(r, PageState::Encrypted);
-                }
-            })
-        });
+        // Bumped before any report, as `apply` does; a reset that changes nothing may bump
+        // too (a cursor then merely refills once).
+        if map.shared_pages() > 0 {
+            self.bump_generation();
+        }
+        let old = match on_change.as_mut() {
+            Some(cb) => self.in_callbacks(|| map.clear(Some(&mut |r| cb(r, PageState::Encrypted)))),
+            None => map.clear(None),
+        };
         self.set_msr(inner, 0);
+        drop(guard);
+        drop(old);
         Ok(())
     }
 
     /// Replaces the RAM layout (memory hotplug); shared pages that stay RAM stay shared.
+    /// O(chunks) under the lock (see [`PageMap::set_layout`]); dropped chunks are freed after
+    /// the lock is released.
     pub fn set_layout(&self, layout: Layout) -> Result<(), TrackerError> {
         let mut guard = self.lock()?;
-        guard.map.set_layout(layout);
+        let dropped = guard.map.set_layout(layout);
         self.bump_generation();
+        drop(guard);
+        drop(dropped);
         Ok(())
+    }
+
+    /// The map and the MSR value at one instant, taken under the lock in O(chunks) (the chunks
+    /// are shared copy-on-write, not copied), for work that must not hold the lock: encoding
+    /// the stream, listing the ranges.
+    pub fn snapshot(&self) -> Result<(PageMap, u64), TrackerError> {
+        let inner = self.lock()?;
+        let map = inner.map.snapshot();
+        let msr = self.msr.load(Ordering::Acquire);
+        drop(inner);
+        Ok((map, msr))
     }
 
     /// A copy of the RAM layout.
@@ -416,9 +434,10 @@ impl Tracker {
         })
     }
 
-    /// The shared ranges now, ascending (a copy, for display and tests).
+    /// The shared ranges now, ascending (a copy, for display and tests), listed from a
+    /// snapshot after the lock is released.
     pub fn shared_ranges(&self) -> Result<Vec<PageRange>, TrackerError> {
-        Ok(self.lock()?.map.shared_ranges().collect())
+        Ok(self.snapshot()?.0.shared_ranges().collect())
     }
 
     /// Runs `f` on the map and MSR value under the lock (the stream encoder's view).
@@ -438,9 +457,12 @@ impl Tracker {
         if map.layout() != guard.map.layout() {
             return Err(TrackerError::LayoutMismatch);
         }
-        guard.map = map;
+        let old = std::mem::replace(&mut guard.map, map);
         self.bump_generation();
         self.set_msr(&mut guard, msr);
+        // Freed after the lock is released: a hostile old map is thousands of chunks.
+        drop(guard);
+        drop(old);
         Ok(())
     }
 

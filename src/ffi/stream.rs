@@ -58,9 +58,13 @@ pub type pagenc_write_fn =
 ///
 /// If `len` is too small, returns `PAGENC_RESULT_BUFFER_TOO_SMALL` and writes the size needed
 /// into `*written` (the one output written on a failure), leaving `buf` untouched: call with
-/// `buf` = NULL, `len` = 0 to learn the size. Since vCPUs may keep changing the list, the size
-/// can grow before the next call; `pagenc_save_to` has no such round trip. The stream is a
-/// snapshot taken under the tracker's lock. Any thread.
+/// `buf` = NULL, `len` = 0 to learn the size. That size query computes the length without
+/// encoding, so a query and a save encode the list once. Since vCPUs may keep changing the
+/// list, the size can grow before the next call; `pagenc_save_to` has no such round trip.
+///
+/// The stream is a snapshot taken under the tracker's lock in O(chunks of 128 MiB of guest
+/// address space holding shared pages): the lock is not held while the list is encoded, so
+/// vCPUs are not stalled by the size of the list. Any thread.
 ///
 /// # Safety
 /// `t` is NULL or a live tracker; `buf` is NULL or points to `len` writable bytes; `written`
@@ -75,22 +79,23 @@ pub unsafe extern "C" fn pagenc_save(
     ffi_boundary! {
         let t = try_ref!(t);
         let written = try_nonnull!(written, t);
-        let bytes = match stream::save_to_vec(&t.tracker) {
-            Ok(b) => b,
+        let (map, msr) = match t.tracker.snapshot() {
+            Ok(s) => s,
             Err(e) => return t.fail(e),
         };
-        if bytes.len() > len {
+        let needed = stream::map_encoded_len(&map);
+        if needed > len {
             // SAFETY: the contract: `written` is writable.
-            unsafe { written.as_ptr().write(bytes.len()) };
-            return t.fail(Error::BufferTooSmall { needed: bytes.len(), len });
+            unsafe { written.as_ptr().write(needed) };
+            return t.fail(Error::BufferTooSmall { needed, len });
         }
-        if !bytes.is_empty() {
-            let buf = try_nonnull!(buf, t);
-            // SAFETY: the contract: `buf` points to `len` >= `bytes.len()` writable bytes, which
-            // cannot overlap the vector pagenc just allocated.
-            unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.as_ptr(), bytes.len());
-            }
+        let buf = try_nonnull!(buf, t);
+        let bytes = stream::encode_into(&map, msr, Vec::with_capacity(needed));
+        debug_assert_eq!(bytes.len(), needed);
+        // SAFETY: the contract: `buf` points to `len` >= `needed` == `bytes.len()` writable
+        // bytes, which cannot overlap the vector pagenc just allocated.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.as_ptr(), bytes.len());
         }
         // SAFETY: the contract: `written` is writable.
         unsafe { written.as_ptr().write(bytes.len()) };

@@ -84,9 +84,16 @@ fn set_bits(bits: &mut [u8], from: u64, to: u64) {
 
 /// Encodes `map` and the MSR value into a new vector.
 pub fn encode_to_vec(map: &PageMap, msr: u64) -> Vec<u8> {
+    encode_into(map, msr, Vec::with_capacity(HEADER_LEN + 64))
+}
+
+/// Encodes `map` and the MSR value into `out` (cleared first) and returns it. Given a vector
+/// of capacity [`map_encoded_len`], it never reallocates: a caller that already knows the
+/// length (`pagenc_save`) pays for one buffer, not for the doublings of a growing one.
+pub fn encode_into(map: &PageMap, msr: u64, mut out: Vec<u8>) -> Vec<u8> {
+    out.clear();
     let groups = bitmap_groups(map);
     let layout = map.layout();
-    let mut out = Vec::with_capacity(HEADER_LEN + 64);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
