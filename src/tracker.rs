@@ -440,7 +440,9 @@ impl Tracker {
         Ok(self.snapshot()?.0.shared_ranges().collect())
     }
 
-    /// Runs `f` on the map and MSR value under the lock (the stream encoder's view).
+    /// Runs `f` on the map and MSR value under the lock, for checks in tests and fuzzing. `f`
+    /// holds up every vCPU while it runs: work that depends on the size of the map belongs on
+    /// a [`Tracker::snapshot`] instead (as the stream encoder does).
     pub fn with_map<R>(&self, f: impl FnOnce(&PageMap, u64) -> R) -> Result<R, TrackerError> {
         let inner = self.lock()?;
         Ok(f(&inner.map, self.msr.load(Ordering::Acquire)))
