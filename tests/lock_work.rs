@@ -194,3 +194,48 @@ fn a_huge_share_grows_the_directory_in_place() {
         "a share-everything call peaked at {peak} heap bytes for a final heap of {heap}"
     );
 }
+
+/// The snapshot a save encodes is one instant of the map, even across chunks and while vCPUs
+/// keep updating chunks it shares copy-on-write: a writer flips a range that straddles a chunk
+/// border (one hypercall, so one instant) back and forth, and every saved stream holds both
+/// halves or neither.
+#[test]
+fn a_save_is_one_instant_of_the_map_across_chunks() {
+    let l = layout(&[(0, 4 * CHUNK)]);
+    let t = Tracker::new(l.clone());
+    // Fragment both chunks so they are bitmaps (the copy-on-write copies 4 KiB on a write).
+    for g in (0..2 * CHUNK).step_by(2) {
+        if g + 2 < CHUNK - 8 || g > CHUNK + 8 {
+            t.map_gpa_range(g << PAGE_SHIFT, 1, 0).unwrap();
+        }
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let straddle = PageRange {
+        start: CHUNK - 3,
+        end: CHUNK + 3,
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut shared = true;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let attrs = if shared { 0 } else { 0x10 };
+                t.map_gpa_range(straddle.start << PAGE_SHIFT, straddle.len(), attrs)
+                    .unwrap();
+                shared = !shared;
+            }
+        });
+        for _ in 0..100 {
+            let bytes = pagenc::stream::save_to_vec(&t).unwrap();
+            let (map, _) = pagenc::stream::decode(&l, &bytes).unwrap();
+            let states: Vec<_> = (straddle.start..straddle.end)
+                .map(|g| map.state(g))
+                .collect();
+            assert!(
+                states.iter().all(|s| *s == states[0]),
+                "a save saw half of one hypercall: {states:?}"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    t.with_map(|m, _| m.check_invariants()).unwrap().unwrap();
+}
