@@ -241,8 +241,8 @@ def damage(data: bytes, how: str) -> bytes:
     if how == "corrupt":
         buf[m + 4:m + 6] = b"\x7f\xfe"              # version 32766: unknown
     elif how == "overlong-count":
-        # record_count claims one more record than there is: the next section's bytes are
-        # read as a record or the blob runs short.
+        # record_count claims one more record than there is: the CRC32C trailer no longer
+        # matches (pagenc stream version 2), so the blob is refused as damaged.
         count = int.from_bytes(buf[m + 48:m + 56], "big")
         buf[m + 48:m + 56] = (count + 1).to_bytes(8, "big")
     elif how == "truncate":
@@ -256,7 +256,7 @@ def damage(data: bytes, how: str) -> bytes:
 # What pagenc's load must say for each damage (QEMU's stderr / error-desc).
 DAMAGE_MESSAGE = {
     "corrupt": "stream version 32766 is newer than this build",
-    "overlong-count": "stream truncated",
+    "overlong-count": "stream is damaged",
     "truncate": "the page list is truncated",
 }
 
