@@ -32,8 +32,10 @@ have_all() {
     for f in "${NEED[@]}"; do [ -f "$OUT/usr/share/OVMF/$f" ] || return 1; done
 }
 
-if [ -f "$STAMP" ] && have_all; then
-    say "cached: ovmf $(cat "$STAMP") in build/ovmf"
+# The stamp holds "<version unpacked> <pin it was fetched for>": a changed pin
+# fetches again, a fallback version is not fetched again on every run.
+if [ -f "$STAMP" ] && have_all && [ "$(cut -d' ' -f2 "$STAMP")" = "$OVMF_DEB_VERSION" ]; then
+    say "cached: ovmf $(cut -d' ' -f1 "$STAMP") in build/ovmf"
     exit 0
 fi
 
@@ -76,5 +78,5 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 dpkg-deb -x "$deb" "$OUT"
 have_all || die "the package lacks one of ${NEED[*]} under usr/share/OVMF (Debian changed the layout?)"
-echo "$version" > "$STAMP"
+echo "$version $OVMF_DEB_VERSION" > "$STAMP"
 say "done in $(( $(date +%s) - T0 ))s: $(cd "$OUT/usr/share/OVMF" && echo "${NEED[@]}")"
