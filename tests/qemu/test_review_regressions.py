@@ -20,7 +20,8 @@ the q35 host bridge's registers the way firmware does.
 
 What v2 changes and these tests depend on sits in a few constants and
 helpers, so the v2 series owner edits one place:
-  TESTING_ARGS       the arguments that allow pagenc under TCG for testing
+  TESTING_ARGS       QEMU arguments that allow pagenc under TCG for testing
+  TESTING_PROPS      pagenc object properties for the same purpose
   shared_ranges()    how the shared list is read (v2 makes ranges opt-in)
   RAM_PAGE_TRACE     the per-page classification trace point and its format
 """
@@ -45,6 +46,15 @@ GiB = 1 << 30
 # property); if that needs an argument, it goes here.
 ACCEL = "tcg"
 TESTING_ARGS: list[str] = []
+TESTING_PROPS: dict[str, object] = {}
+
+
+def object_props(extra: str) -> str:
+    """The -object pagenc option: id, TESTING_PROPS, then the test's own properties."""
+    props = ["pagenc", "id=pe0"]
+    props += [f"{k}={'on' if v is True else 'off' if v is False else v}"
+              for k, v in TESTING_PROPS.items()]
+    return ",".join(props + ([extra] if extra else []))
 
 # The per-page classification trace point of the RAM loop and its format
 # (backends/trace-events of the series). v2 may rename it: change both here.
@@ -147,7 +157,7 @@ def start(vms, workdir: Path, name: str, extra: list[str] = (), *, pagenc: str |
     Returns (Qemu, QTest or None)."""
     args = list(TESTING_ARGS)
     if pagenc is not None:
-        args += ["-object", "pagenc,id=pe0" + (f",{pagenc}" if pagenc else "")]
+        args += ["-object", object_props(pagenc)]
     if paused:
         args.append("-S")
     qpath = workdir / f"{name}.qtest"
@@ -570,7 +580,8 @@ def test_finding19_object_add_refused_during_outgoing_migration(vms, workdir):
     src, _ = start(vms, workdir, "src", pagenc=None)
     path = workdir / "vm.mig"
     slow_migration(src, f"file:{path}")
-    r = src.raw("object-add", **{"qom-type": "pagenc", "id": "pe0", "require-ready": False})
+    r = src.raw("object-add", **{"qom-type": "pagenc", "id": "pe0", "require-ready": False,
+                                 **TESTING_PROPS})
     try:
         assert "error" in r, "object-add pagenc succeeded in the middle of an outgoing migration"
         assert "no pagenc object" in src.error("query-pagenc").desc
