@@ -173,7 +173,11 @@ class Vm:
         accel: Optional[str] = None,
         extra_args: Iterable[str] = (),
         qmp_extra: int = 1,
+        nodefaults: bool = True,
+        payload: bool = True,
     ):
+        """`nodefaults=False` keeps the machine's default devices (q35: std VGA);
+        `payload=False` boots no -kernel (firmware alone, e.g. OVMF in extra_args)."""
         self.name = name
         self.dir = Path(workdir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -185,16 +189,21 @@ class Vm:
         self.serial_path = self.dir / "serial.sock"
         self.debugcon_path = self.dir / "debugcon.log"
         self.stderr_path = self.dir / "stderr.log"
+        # Everything the guest writes to COM1, connected or not (chardev logfile).
+        self.serial_log_path = self.dir / "serial.log"
         for p in [self.qmp_path, self.serial_path, *self.qmp_extra_paths]:
             p.unlink(missing_ok=True)
         args = [
             str(QEMU_BIN),
             "-machine", "q35", "-accel", self.accel,
-            "-nographic", "-nodefaults", "-L", str(ROM_DIR), "-L", BIOS_DIR,
+            *(["-nographic", "-nodefaults"] if nodefaults else
+              ["-display", "none", "-monitor", "none"]),
+            "-L", str(ROM_DIR), "-L", BIOS_DIR,
             "-m", str(mem_mb), "-smp", "1",
-            "-kernel", str(PAYLOAD), "-append", append,
+            *(["-kernel", str(PAYLOAD), "-append", append] if payload else []),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off",
+            "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off,"
+                        f"logfile={self.serial_log_path}",
             "-serial", "chardev:ser0",
             "-debugcon", f"file:{self.debugcon_path}",
         ]
@@ -218,7 +227,7 @@ class Vm:
     def launch(self, timeout: float = 20.0) -> "Vm":
         if not QEMU_BIN.exists():
             raise HarnessError(f"{QEMU_BIN} does not exist: run scripts/build-qemu.sh")
-        if not PAYLOAD.exists():
+        if "-kernel" in self.args and not PAYLOAD.exists():
             raise HarnessError(f"{PAYLOAD} does not exist: run make -C guest")
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
@@ -285,6 +294,12 @@ class Vm:
     def stderr_text(self) -> str:
         try:
             return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def serial_text(self) -> str:
+        try:
+            return self.serial_log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
