@@ -13,6 +13,8 @@
 mod baselines;
 #[path = "pagenc_bench/kvmexit.rs"]
 mod kvmexit;
+#[path = "pagenc_bench/stall.rs"]
+mod stall;
 #[path = "pagenc_bench/svg.rs"]
 mod svg;
 
@@ -2686,6 +2688,9 @@ fn main() {
     }
     if run("w6") {
         w6(&mut rep);
+    }
+    if run("stall") {
+        stall::stall(&mut rep);
     }
     let mut plots = Vec::new();
     if run("scaling") {

@@ -79,9 +79,15 @@ fn stream_seeds(dir: &Path) {
                     let _ = b.push(piece);
                 }
             }
-            let mut bytes = vec![i as u8];
-            bytes.extend(stream::encode_to_vec(&b.finish(), msr));
-            write(dir, &format!("l{i}-{name}"), &bytes);
+            let encoded = stream::encode_to_vec(&b.finish(), msr);
+            // Bit 7 of the first byte: the target recomputes the checksum after mutation, so
+            // the fuzzer reaches the checks behind it; without it, the checksum itself is
+            // fuzzed.
+            for (fix, suffix) in [(0x80u8, ""), (0, "-crc")] {
+                let mut bytes = vec![i as u8 | fix];
+                bytes.extend(&encoded);
+                write(dir, &format!("l{i}-{name}{suffix}"), &bytes);
+            }
         }
     }
 }

@@ -178,6 +178,46 @@ typedef enum pagenc_result {
 } pagenc_result;
 
 /*
+ What was wrong with a stream `pagenc_load_detailed` refused, in the classes a VMM acts on
+ differently. The values are stable: never renumbered or reused, new ones only appended.
+ */
+typedef enum pagenc_stream_problem {
+  /*
+   The stream loaded, or the call failed for a reason that is not the stream's (NULL
+   argument, `PAGENC_RESULT_REENTRANT`, `PAGENC_RESULT_INTERNAL`, ...).
+   */
+  PAGENC_STREAM_PROBLEM_NONE = 0,
+  /*
+   Not a page-encryption stream at all (the magic is not "PGEL").
+   */
+  PAGENC_STREAM_PROBLEM_NOT_A_STREAM = 1,
+  /*
+   Written by a newer pagenc than this one: upgrade the destination.
+   */
+  PAGENC_STREAM_PROBLEM_NEWER_VERSION = 2,
+  /*
+   A format version this pagenc does not read: one an older pagenc wrote (version 1, which
+   had no checksum and did not name its layout) or one never written.
+   */
+  PAGENC_STREAM_PROBLEM_OLD_VERSION = 3,
+  /*
+   Made for another RAM layout than the destination's (sizes, ends or ranges differ):
+   start the destination with the source's memory configuration.
+   */
+  PAGENC_STREAM_PROBLEM_WRONG_LAYOUT = 4,
+  /*
+   Damaged in transit or storage: the CRC32C checksum does not match, or the stream is too
+   short to hold one. Sending it again may work.
+   */
+  PAGENC_STREAM_PROBLEM_DAMAGED = 5,
+  /*
+   The checksum matches but the content breaks the format's rules (a faulty or hostile
+   writer; sending it again will not help).
+   */
+  PAGENC_STREAM_PROBLEM_INVALID = 6,
+} pagenc_stream_problem;
+
+/*
  What a transport or simulated-firmware call did. Stable values, only ever appended to.
  */
 typedef enum pagenc_transport_result {
@@ -329,7 +369,11 @@ typedef struct pagenc_ram_range {
  */
 typedef struct pagenc_stats {
   /*
-   Hypercalls handed to the tracker, accepted or refused (MSR writes not included).
+   Hypercalls handed to the tracker (`pagenc_map_gpa_range`, `pagenc_hypercall`, and
+   `pagenc_handle_exit` for KVM_EXIT_HYPERCALL) with a non-NULL `t`, whatever the result:
+   accepted, refused (`PAGENC_RESULT_GUEST_REJECTED`), `PAGENC_RESULT_REENTRANT`, and the
+   call that ran into an internal error (after which the tracker refuses
+   `pagenc_tracker_stats` too). MSR accesses are not included.
    */
   uint64_t hypercalls;
   /*
@@ -552,8 +596,19 @@ size_t pagenc_last_error(const struct pagenc_tracker *t, char *buf, size_t len);
  encrypted runs. With `flags` = `PAGENC_ITER_SHARED_ONLY` only the shared runs are returned.
 
  The iterator does not hold the tracker's lock between runs: vCPUs keep changing the map while
- it runs, and each run is exact at the moment `pagenc_iter_next` returns it. A change made
- later is reported by the change callback, which is what lets a VMM re-send those pages.
+ it runs. What holds:
+
+ - Always: the runs are ascending and contiguous, cover `[start_gpa, end_gpa)` exactly (no gap,
+   no overlap), and every run is exact at some instant during the `pagenc_iter_next` call that
+   returned it: all its pages were in its state then, and the state changed at its end then
+   (or its end is `end_gpa`).
+ - While the map does not change during the iteration: the runs are also maximal and
+   alternate encrypted and shared.
+ - When the map changes between two calls: a run that was maximal when returned may not be
+   any more, and two consecutive runs may have the same state (e.g. the page after a shared
+   run turned shared in between). Every such change is reported by the change callback, which
+   is what lets a VMM re-send those pages; a VMM that needs maximal runs merges adjacent runs
+   of the same state itself.
 
  On success writes the iterator to `*out` (free it with `pagenc_iter_free`). Unaligned or
  reversed bounds and unknown flags give `PAGENC_RESULT_INVALID_ARGUMENT` (message in
@@ -566,7 +621,15 @@ enum pagenc_result pagenc_iter_new(const struct pagenc_tracker *t, uint64_t star
 
 /*
  Writes the next run to `*out` and returns true; returns false at the end (and on every call
- after it), leaving `*out` untouched. Takes the tracker's lock once per call.
+ after it), leaving `*out` untouched.
+
+ Lock granularity: the iterator reads through a cursor (see `pagenc_cursor_new`), so a call
+ takes the tracker's lock only when the cursor must refill: when the map changed since the
+ last refill (a generation number, checked without the lock), or when the iteration passed
+ the runs cached at the last refill (up to 64 runs, or one 32768-page chunk copied whole when
+ it is a bitmap). A refill holds the lock for one directory search and that bounded read;
+ other calls take no lock at all. So on an unchanging map a pass takes the lock about once per
+ 64 runs, and on a map that changes between every two calls, once per call.
 
  False is also returned when the iteration stopped early on an error (called from a callback of
  the tracker, or an internal error): check `pagenc_iter_result` after the loop before trusting
@@ -681,9 +744,13 @@ uint32_t pagenc_kvm_cpuid_features(void);
 
  If `len` is too small, returns `PAGENC_RESULT_BUFFER_TOO_SMALL` and writes the size needed
  into `*written` (the one output written on a failure), leaving `buf` untouched: call with
- `buf` = NULL, `len` = 0 to learn the size. Since vCPUs may keep changing the list, the size
- can grow before the next call; `pagenc_save_to` has no such round trip. The stream is a
- snapshot taken under the tracker's lock. Any thread.
+ `buf` = NULL, `len` = 0 to learn the size. That size query computes the length without
+ encoding, so a query and a save encode the list once. Since vCPUs may keep changing the
+ list, the size can grow before the next call; `pagenc_save_to` has no such round trip.
+
+ The stream is a snapshot taken under the tracker's lock in O(chunks of 128 MiB of guest
+ address space holding shared pages): the lock is not held while the list is encoded, so
+ vCPUs are not stalled by the size of the list. Any thread.
 
  # Safety
  `t` is NULL or a live tracker; `buf` is NULL or points to `len` writable bytes; `written`
@@ -705,21 +772,36 @@ enum pagenc_result pagenc_save_to(const struct pagenc_tracker *t, pagenc_write_f
 
 /*
  Replaces the tracker's list and MSR value with those of the stream in `buf` (`len` bytes),
- all or nothing: a stream that is truncated, of an unknown version, for another RAM layout,
- unsorted, overlapping, not canonical, with trailing bytes, ... gives
+ all or nothing: a stream that is damaged (checksum), truncated, of a version this build does
+ not read, for another RAM layout, unsorted, overlapping, not canonical, ... gives
  `PAGENC_RESULT_BAD_STREAM`, the message names the offending field, value and byte offset,
- and the tracker is exactly as before. The stream is hostile input: it is checked completely
- and never makes pagenc allocate more than the destination's RAM layout justifies.
+ and the tracker is exactly as before. `pagenc_load_detailed` also says which class of
+ problem it was. The stream is hostile input: its checksum is checked before any other field
+ is believed, it is checked completely, and it never makes pagenc allocate more than the
+ destination's RAM layout justifies.
 
  On success no change callback is called (the loaded list is the truth, there is nothing to
- re-send); the readiness callback hears a change of readiness. The layout must not change
- while this runs. Any thread.
+ re-send); the readiness callback hears a change of readiness. If the layout changes while
+ this runs, the load is refused with `PAGENC_RESULT_INVALID_LAYOUT` and nothing changes. Any
+ thread.
 
  # Safety
  `t` is NULL or a live tracker; `buf` is NULL (only with `len` 0) or points to `len` readable
  bytes.
  */
 enum pagenc_result pagenc_load(struct pagenc_tracker *t, const uint8_t *buf, size_t len);
+
+/*
+ `pagenc_load`, and the class of the problem of a refused stream in `*problem` (when
+ `problem` is not NULL; written on every return, `PAGENC_STREAM_PROBLEM_NONE` on success and
+ on failures that are not the stream's), so that a VMM can tell a stream for another RAM
+ layout from a damaged one or one from a newer pagenc without parsing the message. The
+ result codes are those of `pagenc_load`. Any thread.
+
+ # Safety
+ As for `pagenc_load`; `problem` is NULL or writable.
+ */
+enum pagenc_result pagenc_load_detailed(struct pagenc_tracker *t, const uint8_t *buf, size_t len, enum pagenc_stream_problem *problem);
 
 /*
  Creates a tracker for a guest whose RAM is the `n` ranges at `ram` (any order; adjacent
@@ -764,7 +846,9 @@ void pagenc_tracker_free(struct pagenc_tracker *t);
 /*
  Replaces the RAM layout (memory hotplug and unplug), with the rules of `pagenc_tracker_new`.
  Shared pages that are still RAM stay shared; pages that stop being RAM are forgotten. On
- failure nothing changes and `pagenc_last_error` says which range is wrong. Any thread.
+ failure nothing changes and `pagenc_last_error` says which range is wrong. The tracker's
+ lock is held for O(chunks of 128 MiB holding shared pages), never for O(shared ranges), so
+ vCPUs are not stalled by how fragmented the guest made its list. Any thread.
 
  # Safety
  `t` is NULL or a live tracker; `ram` is NULL or points to `n` readable ranges.
@@ -774,7 +858,9 @@ enum pagenc_result pagenc_tracker_set_layout(struct pagenc_tracker *t, const str
 /*
  Guest reset (reboot): every page encrypted again and migration not ready. The change callback
  hears every range that was shared; the readiness callback hears the change if the guest was
- ready. Any thread.
+ ready. Without a change callback the list is emptied in O(1) under the tracker's lock and
+ freed after it; with one, the lock is held while the callback hears every shared range (its
+ ordering promise), O(shared ranges). Any thread.
 
  # Safety
  `t` is NULL or a live tracker.

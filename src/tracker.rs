@@ -11,8 +11,9 @@
 //!
 //! Readers do not block writers for long: the cursor answers from cached runs without locking
 //! as long as the map's generation number has not moved, and the iterator reads through a
-//! cursor, so it takes the lock once per refill (up to 64 runs), not per run. Each answer is exact at some instant during the call; a change made after
-//! that instant is followed by a change callback, which is what lets the VMM re-send the pages.
+//! cursor, so it takes the lock once per refill (up to 64 runs), not per run. Each answer is
+//! exact at some instant during the call; a change made after that instant is followed by a
+//! change callback, which is what lets the VMM re-send the pages.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +104,8 @@ impl HypercallOutcome {
 /// A snapshot of the tracker's statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// MAP_GPA_RANGE (and other) hypercalls handed to the tracker, accepted or not.
+    /// MAP_GPA_RANGE (and other) hypercalls handed to the tracker, whatever came of them:
+    /// accepted, refused, re-entrant, or failed on a poisoned tracker.
     pub hypercalls: u64,
     /// Rejections by [`RejectReason`] (MSR writes included, under `ReservedMsrBits`).
     pub rejected: [u64; RejectReason::COUNT],
@@ -145,6 +147,10 @@ pub struct Tracker {
     callback_thread: AtomicU64,
     /// Rejections are counted without the lock: a guest spamming bad calls must not contend.
     rejected: [AtomicU64; RejectReason::COUNT],
+    /// Valid hypercalls that could not take the lock (re-entrant from a callback, or the
+    /// tracker poisoned): counted apart so that `Stats::hypercalls` counts every call without
+    /// an atomic on the accepted path (accepted calls are counted under the lock).
+    unlocked_calls: AtomicU64,
 }
 
 impl fmt::Debug for Tracker {
@@ -180,6 +186,7 @@ impl Tracker {
             msr: AtomicU64::new(0),
             callback_thread: AtomicU64::new(0),
             rejected: Default::default(),
+            unlocked_calls: AtomicU64::new(0),
         }
     }
 
@@ -236,7 +243,13 @@ impl Tracker {
                 return Err(e.into());
             }
         };
-        let mut guard = self.lock()?;
+        let mut guard = match self.lock() {
+            Ok(g) => g,
+            Err(e) => {
+                self.unlocked_calls.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         let inner = &mut *guard;
         inner.accepted += 1;
         let summary = self.apply(inner, request.range, request.state);
@@ -345,32 +358,50 @@ impl Tracker {
 
     /// Guest reset: every page encrypted again (the change callback hears each shared range)
     /// and migration not ready (the readiness callback hears it if it was).
+    ///
+    /// The map is emptied in O(1) under the lock and the old one freed after it is released.
+    /// With a change callback installed, the callback hears every shared range under the lock
+    /// (that is its ordering promise), so the lock is then held O(shared ranges).
     pub fn reset(&self) -> Result<(), TrackerError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         let Inner { map, on_change, .. } = inner;
-        let mut bumped = false;
-        self.in_callbacks(|| {
-            map.clear(&mut |r| {
-                if !bumped {
-                    self.bump_generation();
-                    bumped = true;
-                }
-                if let Some(cb) = on_change.as_mut() {
-                    cb(r, PageState::Encrypted);
-                }
-            })
-        });
+        // Bumped before any report, as `apply` does; a reset that changes nothing may bump
+        // too (a cursor then merely refills once).
+        if map.shared_pages() > 0 {
+            self.bump_generation();
+        }
+        let old = match on_change.as_mut() {
+            Some(cb) => self.in_callbacks(|| map.clear(Some(&mut |r| cb(r, PageState::Encrypted)))),
+            None => map.clear(None),
+        };
         self.set_msr(inner, 0);
+        drop(guard);
+        drop(old);
         Ok(())
     }
 
     /// Replaces the RAM layout (memory hotplug); shared pages that stay RAM stay shared.
+    /// O(chunks) under the lock (see [`PageMap::set_layout`]); dropped chunks are freed after
+    /// the lock is released.
     pub fn set_layout(&self, layout: Layout) -> Result<(), TrackerError> {
         let mut guard = self.lock()?;
-        guard.map.set_layout(layout);
+        let dropped = guard.map.set_layout(layout);
         self.bump_generation();
+        drop(guard);
+        drop(dropped);
         Ok(())
+    }
+
+    /// The map and the MSR value at one instant, taken under the lock in O(chunks) (the chunks
+    /// are shared copy-on-write, not copied), for work that must not hold the lock: encoding
+    /// the stream, listing the ranges.
+    pub fn snapshot(&self) -> Result<(PageMap, u64), TrackerError> {
+        let inner = self.lock()?;
+        let map = inner.map.snapshot();
+        let msr = self.msr.load(Ordering::Acquire);
+        drop(inner);
+        Ok((map, msr))
     }
 
     /// A copy of the RAM layout.
@@ -387,6 +418,7 @@ impl Tracker {
         }
         Ok(Stats {
             hypercalls: inner.accepted
+                + self.unlocked_calls.load(Ordering::Relaxed)
                 + rejected[..RejectReason::ReservedMsrBits as usize]
                     .iter()
                     .sum::<u64>(),
@@ -402,12 +434,15 @@ impl Tracker {
         })
     }
 
-    /// The shared ranges now, ascending (a copy, for display and tests).
+    /// The shared ranges now, ascending (a copy, for display and tests), listed from a
+    /// snapshot after the lock is released.
     pub fn shared_ranges(&self) -> Result<Vec<PageRange>, TrackerError> {
-        Ok(self.lock()?.map.shared_ranges().collect())
+        Ok(self.snapshot()?.0.shared_ranges().collect())
     }
 
-    /// Runs `f` on the map and MSR value under the lock (the stream encoder's view).
+    /// Runs `f` on the map and MSR value under the lock, for checks in tests and fuzzing. `f`
+    /// holds up every vCPU while it runs: work that depends on the size of the map belongs on
+    /// a [`Tracker::snapshot`] instead (as the stream encoder does).
     pub fn with_map<R>(&self, f: impl FnOnce(&PageMap, u64) -> R) -> Result<R, TrackerError> {
         let inner = self.lock()?;
         Ok(f(&inner.map, self.msr.load(Ordering::Acquire)))
@@ -424,9 +459,12 @@ impl Tracker {
         if map.layout() != guard.map.layout() {
             return Err(TrackerError::LayoutMismatch);
         }
-        guard.map = map;
+        let old = std::mem::replace(&mut guard.map, map);
         self.bump_generation();
         self.set_msr(&mut guard, msr);
+        // Freed after the lock is released: a hostile old map is thousands of chunks.
+        drop(guard);
+        drop(old);
         Ok(())
     }
 

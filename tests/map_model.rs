@@ -157,6 +157,10 @@ proptest! {
         let mut model = Model::new(&layout, LIMIT);
         for op in ops {
             let state = |sh: bool| if sh { PageState::Shared } else { PageState::Encrypted };
+            // A snapshot shares the chunks copy-on-write: whatever the op does to the map, the
+            // snapshot must keep the map as it was.
+            let snap = map.snapshot();
+            let before = model.ranges();
             match op {
                 Op::Set(s, n, sh) => {
                     let r = PageRange { start: s, end: s + n };
@@ -193,8 +197,9 @@ proptest! {
                 }
                 Op::Reset => {
                     let mut flips = vec![];
-                    map.clear(&mut |f| flips.push(f));
+                    let old = map.clear(Some(&mut |f| flips.push(f)));
                     prop_assert_eq!(flips, model.ranges());
+                    prop_assert!(old.shared_ranges().eq(model.ranges()));
                     model.set(PageRange { start: 0, end: LIMIT }, PageState::Encrypted);
                 }
                 Op::Relayout(ram) => {
@@ -207,6 +212,7 @@ proptest! {
                     model = m2;
                 }
             }
+            prop_assert!(snap.shared_ranges().eq(before.iter().copied()), "the snapshot changed");
             check(&map, &model)?;
         }
         for g in probes {
@@ -312,8 +318,12 @@ fn hostile_fragmentation_stays_under_a_bitmap() {
 }
 
 #[test]
-fn ordinary_layout_costs_about_16_bytes_a_range_or_less() {
-    // 300 scattered shared ranges in a 16 GiB guest (per-CPU pages, DMA buffers).
+fn ordinary_layout_costs_about_32_bytes_a_range_or_less() {
+    // 300 scattered shared ranges in a 16 GiB guest (per-CPU pages, DMA buffers): 2.3 ranges in
+    // each of 128 chunks, so the per-chunk cost dominates: a 24-byte directory entry and, since
+    // the chunks are shared copy-on-write with snapshots (issue 10), 40 bytes of `Arc` counters
+    // and `Vec` header, then 4 bytes a range. (Before copy-on-write: 40 + 4 a range, 24 bytes a
+    // range here; the snapshot that keeps the stream encoder off the lock costs ~8 more.)
     let pages = 16u64 << (30 - PAGE_SHIFT);
     let layout = Layout::new(&[RamRange {
         gpa: 0,
@@ -339,7 +349,7 @@ fn ordinary_layout_costs_about_16_bytes_a_range_or_less() {
     let ranges = map.range_count();
     let per_range = map.heap_bytes() as u64 / ranges;
     assert!(
-        per_range <= 24,
+        per_range <= 32,
         "{per_range} bytes per range over {ranges} ranges"
     );
 }

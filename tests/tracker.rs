@@ -547,3 +547,47 @@ fn a_change_invalidates_the_cursors_copy_of_a_bitmap_chunk() {
     writer.join().unwrap();
     assert_eq!(rounds, 6);
 }
+
+/// Issue 10, point 4: what the run iterator guarantees when the map changes between two calls,
+/// as the header now says: runs stay contiguous and cover the range, each is exact when
+/// returned, but two consecutive runs may have the same state. (The old header promised
+/// maximal, alternating runs unconditionally; this pins down what really holds.)
+#[test]
+fn runs_under_changes_between_calls_are_contiguous_and_exact_when_returned() {
+    let t = Tracker::new(
+        Layout::new(&[RamRange {
+            gpa: 0,
+            size: 1 << 30,
+        }])
+        .unwrap(),
+    );
+    let gfn = |g: u64| g << 12;
+    t.map_gpa_range(gfn(10), 10, 0).unwrap();
+    let all = PageRange { start: 0, end: 100 };
+    let mut runs = vec![];
+    for (step, run) in t.runs(all, false).enumerate() {
+        let run = run.unwrap();
+        // Exact now: every page in its state, and the state changes at its end (or the end
+        // of the range).
+        for g in run.range.start..run.range.end {
+            assert_eq!(t.state(gfn(g)).unwrap(), run.state, "{run:?} page {g:#x}");
+        }
+        if run.range.end < all.end {
+            assert_ne!(t.state(gfn(run.range.end)).unwrap(), run.state, "{run:?}");
+        }
+        runs.push(run);
+        // Between calls: the page after the shared run [10, 20) turns shared too.
+        if step == 1 {
+            t.map_gpa_range(gfn(20), 5, 0).unwrap();
+        }
+    }
+    for w in runs.windows(2) {
+        assert_eq!(w[0].range.end, w[1].range.start, "contiguous: {runs:?}");
+    }
+    assert_eq!(runs.first().unwrap().range.start, all.start);
+    assert_eq!(runs.last().unwrap().range.end, all.end);
+    // [0,10) enc, [10,20) shared, then [20,25) shared: not alternating, as documented.
+    assert_eq!(runs[1].range, PageRange { start: 10, end: 20 });
+    assert_eq!(runs[2].range, PageRange { start: 20, end: 25 });
+    assert_eq!(runs[1].state, runs[2].state);
+}

@@ -1,7 +1,9 @@
 //! Arbitrary bytes into the stream loader.
 //!
-//! The first input byte picks the destination's RAM layout (so that valid streams for each can
-//! be in the corpus); the rest is the stream. A load that fails must leave the destination
+//! The first input byte picks the destination's RAM layout (its low bits, so that valid streams
+//! for each can be in the corpus) and, with bit 7 set, has the CRC32C trailer recomputed over
+//! the mutated bytes before the load, so that the fuzzer gets past the checksum to every check
+//! behind it (without it nearly every mutation stops at the checksum); the rest is the stream. A load that fails must leave the destination
 //! exactly as it was and call no callback; a load that succeeds must give a map that satisfies
 //! the map's invariants, re-encodes to a stream that decodes to the same map, and matches the
 //! header's counts. Peak heap during the load stays within twice a bitmap of RAM plus 1 MiB.
@@ -53,7 +55,18 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    let layout = layout(which);
+    let fixed: Vec<u8>;
+    let bytes = if which & 0x80 != 0 && bytes.len() >= stream::format::CHECKSUM_LEN {
+        let mut b = bytes.to_vec();
+        let at = b.len() - stream::format::CHECKSUM_LEN;
+        let crc = stream::format::checksum(&b[..at]);
+        b[at..].copy_from_slice(&crc.to_be_bytes());
+        fixed = b;
+        &fixed[..]
+    } else {
+        bytes
+    };
+    let layout = layout(which & 0x7f);
     // A destination with a map of its own, so that a half-done load would show.
     let t = Tracker::new(layout.clone());
     let first = layout.ranges()[0];

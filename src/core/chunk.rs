@@ -8,8 +8,14 @@
 //!
 //! So a chunk never needs more than 4 KiB (plus the transient growth of one insertion), which is
 //! what bounds the whole map by a bitmap of guest RAM whatever the guest does.
+//!
+//! The heap forms are shared copy-on-write (`Arc`): cloning a chunk costs a reference count, so
+//! a snapshot of the whole map (for the stream encoder) is O(chunks) whatever the guest did,
+//! and the first update of a shared chunk after a snapshot copies that chunk alone (at most
+//! 4 KiB). Without a snapshot the `Arc` is unique and updated in place.
 
 use std::mem::size_of;
+use std::sync::Arc;
 
 /// log2 of the pages per chunk.
 pub const CHUNK_SHIFT: u32 = 15;
@@ -64,9 +70,9 @@ pub enum Chunk {
     /// Every page shared.
     Full,
     /// Shared runs, sorted, disjoint and never adjacent.
-    Runs(Vec<Span>),
+    Runs(Arc<Vec<Span>>),
     /// One bit per page, 1 = shared.
-    Bitmap(Box<Bitmap>),
+    Bitmap(Arc<Bitmap>),
 }
 
 /// A mask of bits `[lo, hi)` within one word (`0 <= lo < hi <= 64`).
@@ -76,12 +82,12 @@ fn mask(lo: u32, hi: u32) -> u64 {
 }
 
 impl Bitmap {
-    fn empty() -> Box<Bitmap> {
-        Box::new(Bitmap {
+    fn empty() -> Bitmap {
+        Bitmap {
             words: [0; WORDS],
             pages: 0,
             runs: 0,
-        })
+        }
     }
 
     fn get(&self, off: u32) -> bool {
@@ -209,7 +215,7 @@ impl Chunk {
         if start == 0 && end == CHUNK_PAGES {
             Chunk::Full
         } else {
-            Chunk::Runs(vec![Span::new(start, end)])
+            Chunk::Runs(Arc::new(vec![Span::new(start, end)]))
         }
     }
 
@@ -222,12 +228,23 @@ impl Chunk {
         }
     }
 
-    /// Heap bytes the chunk owns (not counting its slot in the map's directory).
+    /// Number of shared pages: O(1), except O(runs) (at most [`RUNS_MAX`]) for the runs form.
+    pub fn pages(&self) -> u32 {
+        match self {
+            Chunk::Full => CHUNK_PAGES,
+            Chunk::Runs(r) => r.iter().map(|s| s.end() - s.start()).sum(),
+            Chunk::Bitmap(b) => b.pages,
+        }
+    }
+
+    /// Heap bytes the chunk owns (not counting its slot in the map's directory), with the
+    /// `Arc`'s two counters. A chunk shared with a snapshot is counted in full by each.
     pub fn heap_bytes(&self) -> usize {
+        const ARC: usize = 2 * size_of::<usize>();
         match self {
             Chunk::Full => 0,
-            Chunk::Runs(r) => r.capacity() * size_of::<Span>(),
-            Chunk::Bitmap(_) => size_of::<Bitmap>(),
+            Chunk::Runs(r) => ARC + size_of::<Vec<Span>>() + r.capacity() * size_of::<Span>(),
+            Chunk::Bitmap(_) => ARC + size_of::<Bitmap>(),
         }
     }
 
@@ -331,18 +348,20 @@ impl Chunk {
                     if end < CHUNK_PAGES {
                         spans.push(Span::new(end, CHUNK_PAGES));
                     }
-                    *self = Chunk::Runs(spans);
+                    *self = Chunk::Runs(Arc::new(spans));
                 }
                 return;
             }
             Chunk::Runs(r) => {
+                // Copies the runs only if a snapshot still holds them.
+                let r = Arc::make_mut(r);
                 if shared {
                     set_runs_shared(r, start, end, flip)
                 } else {
                     set_runs_encrypted(r, start, end, flip)
                 }
             }
-            Chunk::Bitmap(b) => b.set(start, end, shared, flip),
+            Chunk::Bitmap(b) => Arc::make_mut(b).set(start, end, shared, flip),
         }
         self.normalize();
     }
@@ -359,9 +378,10 @@ impl Chunk {
                     for s in r.iter() {
                         b.set(s.start(), s.end(), true, &mut |_, _| {});
                     }
-                    *self = Chunk::Bitmap(b);
+                    *self = Chunk::Bitmap(Arc::new(b));
                 } else if r.capacity() > 2 * r.len() + 8 {
                     // Give memory back after a large removal, but not after every one.
+                    let r = Arc::make_mut(r);
                     r.shrink_to(r.len() + r.len() / 2);
                 }
             }
@@ -369,7 +389,7 @@ impl Chunk {
                 if b.pages == CHUNK_PAGES {
                     *self = Chunk::Full;
                 } else if b.run_count() < RUNS_MIN {
-                    *self = Chunk::Runs(b.spans());
+                    *self = Chunk::Runs(Arc::new(b.spans()));
                 }
             }
         }
@@ -416,7 +436,9 @@ impl Chunk {
 
     /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader).
     pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
-        let mut chunk = Chunk::Runs(runs.iter().map(|&(a, b)| Span::new(a, b)).collect());
+        let mut chunk = Chunk::Runs(Arc::new(
+            runs.iter().map(|&(a, b)| Span::new(a, b)).collect(),
+        ));
         chunk.normalize();
         chunk
     }

@@ -19,7 +19,8 @@ pub struct UpdateSummary {
 ///
 /// Costs: an update is O(log chunks + chunks touched + runs touched within them) and never
 /// O(pages); memory is at most about one bit per page of RAM (a bitmap chunk) whatever the
-/// update pattern, and about 4 bytes per range on ordinary layouts.
+/// update pattern, and about 4 bytes per range on ordinary layouts. A clone
+/// ([`PageMap::snapshot`]) and a layout change are O(chunks), never O(ranges).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageMap {
     layout: Layout,
@@ -145,34 +146,65 @@ impl PageMap {
             }
             return;
         }
-        // Several chunks: rebuild the affected stretch of the directory in one splice, so a
-        // huge range costs O(chunks in it), not O(chunks in it x directory size).
+        // Several chunks, in two passes so that the directory grows in place: a huge range
+        // (a guest sharing everything on a 4 PiB layout) must not hold the old stretch, a
+        // vector of new chunks and the spliced directory at once (that peaked at twice the
+        // final heap).
         let hi = self.chunks.partition_point(|(c, _)| *c <= last);
-        let old: Vec<(u64, Chunk)> = self.chunks.drain(lo..hi).collect();
-        let mut old = old.into_iter().peekable();
-        let mut new = Vec::with_capacity((last - first + 1) as usize);
-        for c in first..=last {
-            let base = base_of(c);
+        let bounds = |c: u64| {
             let a = if c == first { offset_of(r.start) } else { 0 };
             let b = if c == last {
                 offset_of(r.end - 1) + 1
             } else {
                 CHUNK_PAGES
             };
-            match old.next_if(|(oc, _)| *oc == c) {
-                Some((_, mut chunk)) => {
+            (a, b)
+        };
+        // 1. Ascending: update the chunks there are and report every flip in order, the
+        //    pieces of missing chunks included.
+        let mut j = lo;
+        for c in first..=last {
+            let base = base_of(c);
+            let (a, b) = bounds(c);
+            match self.chunks.get_mut(j) {
+                Some((oc, chunk)) if *oc == c => {
                     chunk.set(a, b, true, &mut |x, y| {
                         sink.push(base + x as u64, base + y as u64)
                     });
-                    new.push((c, chunk));
+                    j += 1;
                 }
-                None => {
-                    sink.push(base + a as u64, base + b as u64);
-                    new.push((c, Chunk::with_range(a, b)));
-                }
+                _ => sink.push(base + a as u64, base + b as u64),
             }
         }
-        self.chunks.splice(lo..lo, new);
+        // 2. Insert the missing chunks: grow once by their number (exactly, when they are at
+        //    least as many as the directory holds, so a huge share from an empty map allocates
+        //    its final size once), move the tail up once, and fill the gap from the top down,
+        //    moving the existing chunks of the stretch into place. Placeholders are `Full`
+        //    chunks, which own no heap.
+        let missing = (last - first + 1) as usize - (hi - lo);
+        if missing == 0 {
+            return;
+        }
+        let len = self.chunks.len();
+        if missing >= len {
+            self.chunks.reserve_exact(missing);
+        } else {
+            self.chunks.reserve(missing);
+        }
+        self.chunks.resize_with(len + missing, || (0, Chunk::Full));
+        self.chunks[hi..].rotate_right(missing);
+        let (mut pos, mut j) = (hi + missing, hi);
+        for c in (first..=last).rev() {
+            pos -= 1;
+            if j > lo && self.chunks[j - 1].0 == c {
+                j -= 1;
+                self.chunks.swap(j, pos);
+            } else {
+                let (a, b) = bounds(c);
+                self.chunks[pos] = (c, Chunk::with_range(a, b));
+            }
+        }
+        debug_assert_eq!((pos, j), (lo, lo));
     }
 
     fn encrypt(&mut self, r: PageRange, sink: &mut FlipSink<'_>) {
@@ -211,27 +243,83 @@ impl PageMap {
         }
     }
 
-    /// Every page back to encrypted (guest reset); `flipped` hears every shared range.
-    pub fn clear(&mut self, flipped: &mut dyn FnMut(PageRange)) {
-        for r in self.shared_ranges() {
-            flipped(r);
+    /// Every page back to encrypted (guest reset); `flipped` hears every shared range. Returns
+    /// the old contents, so that the caller can free them after releasing its lock: O(1) when
+    /// nobody listens, O(ranges) for the reports otherwise.
+    pub fn clear(&mut self, flipped: Option<&mut dyn FnMut(PageRange)>) -> PageMap {
+        let old = PageMap {
+            layout: self.layout.clone(),
+            chunks: std::mem::take(&mut self.chunks),
+            shared_pages: std::mem::take(&mut self.shared_pages),
+        };
+        if let Some(f) = flipped {
+            for r in old.shared_ranges() {
+                f(r);
+            }
         }
-        self.chunks = Vec::new();
-        self.shared_pages = 0;
+        old
+    }
+
+    /// A copy of the map that shares its chunks copy-on-write: O(chunks) (a reference count
+    /// each), however fragmented the chunks are. Later updates of either copy copy only the
+    /// chunks they touch.
+    pub fn snapshot(&self) -> PageMap {
+        self.clone()
     }
 
     /// Replaces the layout (memory hotplug). Shared pages that are still RAM stay shared; those
     /// that are no longer RAM are forgotten (they are not migrated, so no flip is reported).
-    pub fn set_layout(&mut self, layout: Layout) {
-        let mut b = PageMapBuilder::new(layout);
-        for r in self.shared_ranges() {
-            let clipped: Vec<PageRange> = b.map.layout.clip(r).collect();
-            for piece in clipped {
-                b.push(piece)
-                    .expect("ranges from a valid map, clipped to RAM, stay ascending and in RAM");
+    ///
+    /// O(chunks) plus, for each chunk that RAM covers only in part, the clearing of its
+    /// non-RAM part (bounded by a chunk): chunks wholly inside RAM are kept as they are, chunks
+    /// wholly outside are dropped, whatever the number of shared ranges. Returns the chunks
+    /// dropped, so that the caller can free them after releasing its lock.
+    pub fn set_layout(&mut self, layout: Layout) -> Vec<Chunk> {
+        let mut dropped = Vec::new();
+        let mut lost = 0u64;
+        let mut keep = 0;
+        for i in 0..self.chunks.len() {
+            let c = self.chunks[i].0;
+            let span = PageRange {
+                start: base_of(c),
+                end: base_of(c + 1),
+            };
+            let mut pieces = layout.clip(span).peekable();
+            let chunk = &mut self.chunks[i].1;
+            match pieces.peek() {
+                None => lost += chunk.pages() as u64,
+                Some(p) if *p == span => {}
+                Some(_) => {
+                    // Clear the gaps between the RAM pieces of the chunk.
+                    let mut pos = span.start;
+                    let mut clear = |from: u64, to: u64| {
+                        let (a, b) = ((from - span.start) as u32, (to - span.start) as u32);
+                        chunk.set(a, b, false, &mut |x, y| lost += (y - x) as u64);
+                    };
+                    for p in pieces {
+                        if p.start > pos {
+                            clear(pos, p.start);
+                        }
+                        pos = p.end;
+                    }
+                    if pos < span.end {
+                        clear(pos, span.end);
+                    }
+                }
+            }
+            if layout.clip(span).next().is_some() && !self.chunks[i].1.is_empty() {
+                self.chunks.swap(keep, i);
+                keep += 1;
             }
         }
-        *self = b.finish();
+        dropped.extend(self.chunks.drain(keep..).map(|(_, c)| c));
+        if self.chunks.capacity() > 2 * self.chunks.len() + 16 {
+            self.chunks
+                .shrink_to(self.chunks.len() + self.chunks.len() / 2);
+        }
+        self.shared_pages -= lost;
+        self.layout = layout;
+        dropped
     }
 
     /// The state of `gfn` and the extent of that state from `gfn` on: the returned run starts

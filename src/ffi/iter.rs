@@ -47,8 +47,19 @@ impl From<Run> for pagenc_run {
 /// encrypted runs. With `flags` = `PAGENC_ITER_SHARED_ONLY` only the shared runs are returned.
 ///
 /// The iterator does not hold the tracker's lock between runs: vCPUs keep changing the map while
-/// it runs, and each run is exact at the moment `pagenc_iter_next` returns it. A change made
-/// later is reported by the change callback, which is what lets a VMM re-send those pages.
+/// it runs. What holds:
+///
+/// - Always: the runs are ascending and contiguous, cover `[start_gpa, end_gpa)` exactly (no gap,
+///   no overlap), and every run is exact at some instant during the `pagenc_iter_next` call that
+///   returned it: all its pages were in its state then, and the state changed at its end then
+///   (or its end is `end_gpa`).
+/// - While the map does not change during the iteration: the runs are also maximal and
+///   alternate encrypted and shared.
+/// - When the map changes between two calls: a run that was maximal when returned may not be
+///   any more, and two consecutive runs may have the same state (e.g. the page after a shared
+///   run turned shared in between). Every such change is reported by the change callback, which
+///   is what lets a VMM re-send those pages; a VMM that needs maximal runs merges adjacent runs
+///   of the same state itself.
 ///
 /// On success writes the iterator to `*out` (free it with `pagenc_iter_free`). Unaligned or
 /// reversed bounds and unknown flags give `PAGENC_RESULT_INVALID_ARGUMENT` (message in
@@ -98,7 +109,15 @@ pub unsafe extern "C" fn pagenc_iter_new(
 }
 
 /// Writes the next run to `*out` and returns true; returns false at the end (and on every call
-/// after it), leaving `*out` untouched. Takes the tracker's lock once per call.
+/// after it), leaving `*out` untouched.
+///
+/// Lock granularity: the iterator reads through a cursor (see `pagenc_cursor_new`), so a call
+/// takes the tracker's lock only when the cursor must refill: when the map changed since the
+/// last refill (a generation number, checked without the lock), or when the iteration passed
+/// the runs cached at the last refill (up to 64 runs, or one 32768-page chunk copied whole when
+/// it is a bitmap). A refill holds the lock for one directory search and that bounded read;
+/// other calls take no lock at all. So on an unchanging map a pass takes the lock about once per
+/// 64 runs, and on a map that changes between every two calls, once per call.
 ///
 /// False is also returned when the iteration stopped early on an error (called from a callback of
 /// the tracker, or an internal error): check `pagenc_iter_result` after the loop before trusting

@@ -42,7 +42,10 @@ pub use iter::{
     PAGENC_GPA_LIMIT, PAGENC_ITER_SHARED_ONLY,
 };
 pub use kvm::{pagenc_kvm_cpuid_features, pagenc_kvm_enable_exit_hypercall};
-pub use stream::{pagenc_load, pagenc_save, pagenc_save_to, pagenc_write_fn};
+pub use stream::{
+    pagenc_load, pagenc_load_detailed, pagenc_save, pagenc_save_to, pagenc_stream_problem,
+    pagenc_write_fn,
+};
 pub use tracker::{
     pagenc_change_fn, pagenc_handle_exit, pagenc_hypercall, pagenc_is_encrypted, pagenc_is_ready,
     pagenc_layout_check, pagenc_map_gpa_range, pagenc_msr_read, pagenc_msr_write, pagenc_ram_range,

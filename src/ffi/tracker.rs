@@ -88,7 +88,11 @@ impl From<RejectReason> for pagenc_reject_reason {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct pagenc_stats {
-    /// Hypercalls handed to the tracker, accepted or refused (MSR writes not included).
+    /// Hypercalls handed to the tracker (`pagenc_map_gpa_range`, `pagenc_hypercall`, and
+    /// `pagenc_handle_exit` for KVM_EXIT_HYPERCALL) with a non-NULL `t`, whatever the result:
+    /// accepted, refused (`PAGENC_RESULT_GUEST_REJECTED`), `PAGENC_RESULT_REENTRANT`, and the
+    /// call that ran into an internal error (after which the tracker refuses
+    /// `pagenc_tracker_stats` too). MSR accesses are not included.
     pub hypercalls: u64,
     /// Refusals, indexed by `pagenc_reject_reason` (MSR writes with reserved bits under
     /// `PAGENC_REJECT_REASON_RESERVED_MSR_BITS`).
@@ -196,11 +200,13 @@ impl CCallback<ReadinessFn> {
 /// # Safety
 /// `ram` is NULL or points to `n` readable ranges.
 unsafe fn layout_from_c(ram: *const pagenc_ram_range, n: usize) -> Result<Layout, Error> {
-    if n > MAX_RAM_RANGES {
-        return Err(LayoutError::TooManyRanges { count: n }.into());
-    }
+    // NULL first, as the header promises: a NULL `ram` with any `n` > 0 is NULL_ARGUMENT, even
+    // an `n` that would also be too many ranges.
     if n != 0 && ram.is_null() {
         return Err(Error::Null("ram"));
+    }
+    if n > MAX_RAM_RANGES {
+        return Err(LayoutError::TooManyRanges { count: n }.into());
     }
     let ram = if n == 0 {
         &[][..]
@@ -291,7 +297,9 @@ pub unsafe extern "C" fn pagenc_tracker_free(t: *mut pagenc_tracker) {
 
 /// Replaces the RAM layout (memory hotplug and unplug), with the rules of `pagenc_tracker_new`.
 /// Shared pages that are still RAM stay shared; pages that stop being RAM are forgotten. On
-/// failure nothing changes and `pagenc_last_error` says which range is wrong. Any thread.
+/// failure nothing changes and `pagenc_last_error` says which range is wrong. The tracker's
+/// lock is held for O(chunks of 128 MiB holding shared pages), never for O(shared ranges), so
+/// vCPUs are not stalled by how fragmented the guest made its list. Any thread.
 ///
 /// # Safety
 /// `t` is NULL or a live tracker; `ram` is NULL or points to `n` readable ranges.
@@ -316,7 +324,9 @@ pub unsafe extern "C" fn pagenc_tracker_set_layout(
 
 /// Guest reset (reboot): every page encrypted again and migration not ready. The change callback
 /// hears every range that was shared; the readiness callback hears the change if the guest was
-/// ready. Any thread.
+/// ready. Without a change callback the list is emptied in O(1) under the tracker's lock and
+/// freed after it; with one, the lock is held while the callback hears every shared range (its
+/// ordering promise), O(shared ranges). Any thread.
 ///
 /// # Safety
 /// `t` is NULL or a live tracker.

@@ -6,8 +6,9 @@
 
 use super::error::{CountField, LayoutField, VarintProblem};
 use super::format::{
-    off, CHUNK_BYTES, CHUNK_PAGES, HEADER_LEN, KNOWN_VERSIONS, MAGIC, MAX_VARINT_LEN,
-    MIN_RECORD_LEN, TAG_BITMAP, TAG_RANGE,
+    checksum, off, CHECKSUM_LEN, CHUNK_BYTES, CHUNK_PAGES, HEADER_LEN, KNOWN_VERSIONS,
+    LAYOUT_COUNT_LEN, LAYOUT_ENTRY_LEN, MAGIC, MAX_VARINT_LEN, MIN_RECORD_LEN, TAG_BITMAP,
+    TAG_RANGE,
 };
 use super::StreamError;
 use crate::core::{BuildError, Layout, PageMap, PageMapBuilder, PageRange};
@@ -82,6 +83,45 @@ impl<'a> Reader<'a> {
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Reads the layout block (the source's RAM ranges) and compares it with the destination's
+/// layout range by range: the same size and end are not enough (RAM [0,3G)+[4G,9G) and
+/// [0,2G)+[3G,9G) agree on both).
+fn check_layout(r: &mut Reader<'_>, layout: &Layout) -> Result<(), StreamError> {
+    let count = be32(r.take(LAYOUT_COUNT_LEN, "layout range count")?, 0) as usize;
+    // Bounded by the bytes there are before anything is read or compared.
+    if count > r.remaining() / LAYOUT_ENTRY_LEN {
+        return Err(StreamError::Truncated {
+            what: "layout ranges",
+            offset: r.pos,
+            needed: count as u64 * LAYOUT_ENTRY_LEN as u64,
+            available: r.remaining(),
+        });
+    }
+    let at = r.pos;
+    let block = r.take(count * LAYOUT_ENTRY_LEN, "layout ranges")?;
+    let dest = layout.ranges();
+    for index in 0..count.max(dest.len()) {
+        let stream = (index < count).then(|| PageRange {
+            start: be64(block, index * LAYOUT_ENTRY_LEN),
+            end: be64(block, index * LAYOUT_ENTRY_LEN + 8),
+        });
+        let destination = dest.get(index).copied();
+        if stream != destination {
+            return Err(StreamError::LayoutRangeMismatch {
+                offset: at + index * LAYOUT_ENTRY_LEN,
+                index,
+                stream,
+                destination,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -255,6 +295,10 @@ impl Body {
 
 /// Decodes a stream against the destination's `layout`: the map and the MSR value, or the
 /// first thing wrong with the stream.
+///
+/// Order: magic, version (so that a newer stream is named as such whatever its shape), then the
+/// CRC32C trailer over all the bytes before it, before any other field is believed; then the
+/// header against the destination's layout, then the records.
 pub fn decode(layout: &Layout, bytes: &[u8]) -> Result<(PageMap, u64), StreamError> {
     let mut r = Reader { bytes, pos: 0 };
     let magic = r.take(MAGIC.len(), "magic")?;
@@ -268,6 +312,30 @@ pub fn decode(layout: &Layout, bytes: &[u8]) -> Result<(PageMap, u64), StreamErr
     if !KNOWN_VERSIONS.contains(&version) {
         return Err(StreamError::UnsupportedVersion { found: version });
     }
+    let min = HEADER_LEN + LAYOUT_COUNT_LEN + CHECKSUM_LEN;
+    if bytes.len() < min {
+        return Err(StreamError::Truncated {
+            what: "header and checksum",
+            offset: r.pos,
+            needed: (min - r.pos) as u64,
+            available: r.remaining(),
+        });
+    }
+    let (covered, trailer) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+    let stored = be32(trailer, 0);
+    let computed = checksum(covered);
+    if stored != computed {
+        return Err(StreamError::ChecksumMismatch {
+            stored,
+            computed,
+            len: bytes.len(),
+        });
+    }
+    // From here on the records end where the checksum starts.
+    let mut r = Reader {
+        bytes: covered,
+        pos: r.pos,
+    };
     let rest = r.take(HEADER_LEN - off::FLAGS, "header")?;
     let h = |at: usize| at - off::FLAGS;
     let flags = be16(rest, h(off::FLAGS));
@@ -291,6 +359,7 @@ pub fn decode(layout: &Layout, bytes: &[u8]) -> Result<(PageMap, u64), StreamErr
             destination: dest_end,
         });
     }
+    check_layout(&mut r, layout)?;
     let msr = be64(rest, h(off::MSR));
     if hypercall::validate_migration_control(MSR_KVM_MIGRATION_CONTROL, msr).is_err() {
         return Err(StreamError::BadMsr { value: msr });

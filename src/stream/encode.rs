@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use super::format::{
-    off, put_varint, varint_len, CHUNK_BYTES, CHUNK_PAGES, CHUNK_SHIFT, HEADER_LEN, MAGIC,
-    TAG_BITMAP, TAG_RANGE, VERSION,
+    checksum, off, put_varint, records_offset, varint_len, CHECKSUM_LEN, CHUNK_BYTES, CHUNK_PAGES,
+    CHUNK_SHIFT, HEADER_LEN, MAGIC, TAG_BITMAP, TAG_RANGE, VERSION,
 };
 use super::StreamError;
 use crate::core::PageMap;
@@ -84,9 +84,16 @@ fn set_bits(bits: &mut [u8], from: u64, to: u64) {
 
 /// Encodes `map` and the MSR value into a new vector.
 pub fn encode_to_vec(map: &PageMap, msr: u64) -> Vec<u8> {
+    encode_into(map, msr, Vec::with_capacity(HEADER_LEN + 64))
+}
+
+/// Encodes `map` and the MSR value into `out` (cleared first) and returns it. Given a vector
+/// of capacity [`map_encoded_len`], it never reallocates: a caller that already knows the
+/// length (`pagenc_save`) pays for one buffer, not for the doublings of a growing one.
+pub fn encode_into(map: &PageMap, msr: u64, mut out: Vec<u8>) -> Vec<u8> {
+    out.clear();
     let groups = bitmap_groups(map);
     let layout = map.layout();
-    let mut out = Vec::with_capacity(HEADER_LEN + 64);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
@@ -98,6 +105,15 @@ pub fn encode_to_vec(map: &PageMap, msr: u64) -> Vec<u8> {
     // Range and record counts are patched in once known.
     out.extend_from_slice(&[0; 16]);
     debug_assert_eq!(out.len(), HEADER_LEN);
+    // The source's RAM ranges, so that the destination can refuse any other layout (two
+    // layouts can agree on size and end and still differ). A layout has at most
+    // MAX_RAM_RANGES (4096) ranges, so the count fits its u32.
+    out.extend_from_slice(&(layout.ranges().len() as u32).to_be_bytes());
+    for r in layout.ranges() {
+        out.extend_from_slice(&r.start.to_be_bytes());
+        out.extend_from_slice(&r.end.to_be_bytes());
+    }
+    debug_assert_eq!(out.len(), records_offset(layout.ranges().len()));
 
     let (mut ranges, mut records) = (0u64, 0u64);
     let mut next_group = 0;
@@ -143,6 +159,9 @@ pub fn encode_to_vec(map: &PageMap, msr: u64) -> Vec<u8> {
     debug_assert_eq!(next_group, groups.len());
     out[off::RANGE_COUNT..off::RANGE_COUNT + 8].copy_from_slice(&ranges.to_be_bytes());
     out[off::RECORD_COUNT..off::RECORD_COUNT + 8].copy_from_slice(&records.to_be_bytes());
+    // The checksum covers every byte before it, so it is computed last.
+    let crc = checksum(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
     out
 }
 
@@ -156,7 +175,7 @@ pub fn encode(map: &PageMap, msr: u64, out: &mut impl Write) -> Result<usize, St
 /// The exact length [`encode`] produces for `map`.
 pub fn map_encoded_len(map: &PageMap) -> usize {
     let groups = bitmap_groups(map);
-    let mut len = HEADER_LEN;
+    let mut len = records_offset(map.layout().ranges().len()) + CHECKSUM_LEN;
     for g in &groups {
         len += 1 + varint_len(g.start) + varint_len((g.end - g.start) >> CHUNK_SHIFT);
         len += ((g.end - g.start) / 8) as usize;

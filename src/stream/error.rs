@@ -3,7 +3,8 @@
 
 use std::fmt;
 
-use super::format::{CHUNK_PAGES, KNOWN_VERSIONS};
+use super::format::{CHUNK_PAGES, KNOWN_VERSIONS, RETIRED_VERSIONS};
+use crate::core::{PageRange, PAGE_SHIFT};
 use crate::tracker::TrackerError;
 
 /// A stable number per kind of [`StreamError`], for the C ABI and for tests that check which
@@ -51,6 +52,32 @@ pub enum StreamErrorKind {
     TrailingBytes = 19,
     /// See [`StreamError::CountMismatch`].
     CountMismatch = 20,
+    /// See [`StreamError::ChecksumMismatch`].
+    ChecksumMismatch = 21,
+}
+
+/// What a refused stream means for the VMM, in the few classes it can act on differently
+/// (the C ABI's `pagenc_stream_problem`). Values are never reused.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamProblem {
+    /// Not a page-encryption stream at all (wrong magic).
+    NotAStream = 1,
+    /// Written by a newer pagenc: upgrade the destination.
+    NewerVersion = 2,
+    /// A version this build does not read: one pagenc no longer reads (1), or one it never
+    /// wrote.
+    OldVersion = 3,
+    /// Made for another RAM layout: the destination's guest RAM differs from the source's.
+    WrongLayout = 4,
+    /// The bytes changed in transit or storage: the checksum does not match, or the stream is
+    /// cut short.
+    Damaged = 5,
+    /// The checksum matches but the content breaks the format's rules: a faulty or hostile
+    /// writer, not a transport error.
+    Invalid = 6,
+    /// Not about the bytes: the writer failed, or the tracker refused the call.
+    NotTheStream = 7,
 }
 
 /// Which header count disagreed with the records.
@@ -212,6 +239,26 @@ pub enum StreamError {
         /// Number of extra bytes.
         count: usize,
     },
+    /// The CRC32C trailer does not match the bytes before it: the stream was damaged.
+    ChecksumMismatch {
+        /// The trailer's value.
+        stored: u32,
+        /// The CRC32C of the bytes before it.
+        computed: u32,
+        /// The stream's length in bytes.
+        len: usize,
+    },
+    /// The source's RAM ranges (the layout block) differ from the destination's layout.
+    LayoutRangeMismatch {
+        /// Byte offset of the first range that differs (or of where it would be).
+        offset: usize,
+        /// Its index in the sorted, coalesced list of RAM ranges.
+        index: usize,
+        /// The source's range there, if it has that many.
+        stream: Option<PageRange>,
+        /// The destination's range there, if it has that many.
+        destination: Option<PageRange>,
+    },
     /// A header count disagrees with the records.
     CountMismatch {
         /// Which count.
@@ -248,7 +295,48 @@ impl StreamError {
             StreamError::EmptyBitmapChunk { .. } => K::EmptyBitmapChunk,
             StreamError::TrailingBytes { .. } => K::TrailingBytes,
             StreamError::CountMismatch { .. } => K::CountMismatch,
+            StreamError::ChecksumMismatch { .. } => K::ChecksumMismatch,
+            StreamError::LayoutRangeMismatch { .. } => K::LayoutMismatch,
         }
+    }
+
+    /// The class of the problem, for a VMM that must tell "wrong layout" from "damaged" from
+    /// "newer version" without parsing the message.
+    pub fn problem(&self) -> StreamProblem {
+        use StreamProblem as P;
+        match self {
+            StreamError::Io(_) | StreamError::Tracker(_) => P::NotTheStream,
+            StreamError::BadMagic { .. } => P::NotAStream,
+            StreamError::UnsupportedVersion { found } => {
+                if *found > newest() {
+                    P::NewerVersion
+                } else {
+                    P::OldVersion
+                }
+            }
+            StreamError::LayoutMismatch { .. } | StreamError::LayoutRangeMismatch { .. } => {
+                P::WrongLayout
+            }
+            // Checked before the checksum only when the stream is too short to hold one.
+            StreamError::ChecksumMismatch { .. } | StreamError::Truncated { .. } => P::Damaged,
+            _ => P::Invalid,
+        }
+    }
+}
+
+fn newest() -> u16 {
+    KNOWN_VERSIONS.iter().max().copied().unwrap_or(0)
+}
+
+/// `[start, end)` gfns as guest physical bytes, for messages.
+fn gpa_range(r: &Option<PageRange>) -> String {
+    match r {
+        Some(r) => format!(
+            "gpa [{:#x}, {:#x})",
+            r.start << PAGE_SHIFT,
+            r.end << PAGE_SHIFT
+        ),
+        None => "none".into(),
     }
 }
 
@@ -281,9 +369,12 @@ impl fmt::Display for StreamError {
                  (50 47 45 4c)"
             ),
             StreamError::UnsupportedVersion { found } => {
-                let newest = KNOWN_VERSIONS.iter().max().copied().unwrap_or(0);
-                let why = if *found > newest {
+                let why = if *found > newest() {
                     "newer than this build of pagenc; upgrade the destination"
+                } else if RETIRED_VERSIONS.contains(found) {
+                    "from an older pagenc and no longer read: it has no checksum and does not \
+                     name its RAM layout, so damage or another layout could load unnoticed; \
+                     migrate from a source with this build's pagenc"
                 } else {
                     "not a version pagenc ever wrote"
                 };
@@ -388,6 +479,28 @@ impl fmt::Display for StreamError {
             StreamError::TrailingBytes { offset, count } => write!(
                 f,
                 "page-encryption stream has {count} bytes after its last record at byte {offset}"
+            ),
+            StreamError::ChecksumMismatch {
+                stored,
+                computed,
+                len,
+            } => write!(
+                f,
+                "page-encryption stream is damaged: its CRC32C checksum is {stored:#010x} but \
+                 its {} bytes before the checksum give {computed:#010x}; they must be equal",
+                len.saturating_sub(4)
+            ),
+            StreamError::LayoutRangeMismatch {
+                offset,
+                index,
+                stream,
+                destination,
+            } => write!(
+                f,
+                "page-encryption stream is for another RAM layout: source RAM range {index} \
+                 (byte {offset}) is {}, destination's is {}; the RAM ranges must be equal",
+                gpa_range(stream),
+                gpa_range(destination)
             ),
             StreamError::CountMismatch {
                 field,

@@ -8,9 +8,13 @@
 /// The first four bytes of every stream: "PGEL" (PaGe Encryption List).
 pub const MAGIC: [u8; 4] = *b"PGEL";
 /// The version this build writes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Every version this build reads. A newer build keeps reading all of these.
-pub const KNOWN_VERSIONS: &[u16] = &[1];
+pub const KNOWN_VERSIONS: &[u16] = &[2];
+/// Versions pagenc once wrote and no longer reads: version 1 had neither a checksum nor the
+/// source's RAM ranges, so a damaged stream or one for another layout of the same size loaded
+/// silently (docs/stream-format.md says why it is refused rather than read).
+pub const RETIRED_VERSIONS: &[u16] = &[1];
 
 /// Byte offsets of the header fields.
 pub mod off {
@@ -32,10 +36,33 @@ pub mod off {
     pub const RANGE_COUNT: usize = 40;
     /// Records that follow the header, u64.
     pub const RECORD_COUNT: usize = 48;
+    /// Number of the source's RAM ranges that follow, u32 (version 2).
+    pub const LAYOUT_COUNT: usize = 56;
 }
 
-/// Size of the fixed header; records start here.
+/// Size of the fixed header, up to and including the record count (the part every version
+/// shares).
 pub const HEADER_LEN: usize = 56;
+/// Bytes of the layout count field after the fixed header.
+pub const LAYOUT_COUNT_LEN: usize = 4;
+/// Bytes of one RAM range in the layout block: start gfn and end gfn, u64 each.
+pub const LAYOUT_ENTRY_LEN: usize = 16;
+/// Bytes of the CRC32C trailer.
+pub const CHECKSUM_LEN: usize = 4;
+
+/// Offset of the first record of a stream whose layout block holds `ranges` ranges.
+pub fn records_offset(ranges: usize) -> usize {
+    HEADER_LEN + LAYOUT_COUNT_LEN + ranges * LAYOUT_ENTRY_LEN
+}
+
+/// CRC32C (Castagnoli, the iSCSI polynomial, as in ext4, Btrfs and SCTP): it catches every error
+/// burst up to 32 bits, so any change of one byte, and almost every other damage.
+const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// The CRC32C of `bytes`, as stored (big-endian) in the trailer.
+pub fn checksum(bytes: &[u8]) -> u32 {
+    CRC32C.checksum(bytes)
+}
 
 /// Record tag: one shared range, `start: varint gfn, len: varint pages`.
 pub const TAG_RANGE: u8 = 0x01;
@@ -78,6 +105,12 @@ pub fn put_varint(buf: &mut Vec<u8>, mut v: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksum_is_crc32c() {
+        // The check value of CRC-32/ISCSI (Castagnoli) from the CRC catalogue.
+        assert_eq!(checksum(b"123456789"), 0xe306_9283);
+    }
 
     #[test]
     fn varint_len_matches_encoding() {

@@ -147,6 +147,19 @@ static void bad_layouts(void)
         free(ram);
     }
 
+    /* NULL ranges with n > 0 are NULL_ARGUMENT, as documented, whatever n: also
+     * an n that is too many ranges as well (issue 10: that gave INVALID_LAYOUT) */
+    for (size_t i = 0; i < 3; i++) {
+        const size_t ns[] = { 1, 4096, 5000 };
+        pagenc_tracker *none = (pagenc_tracker *)0x1;
+        char msg[128] = "";
+        CHECK_RC(pagenc_tracker_new(NULL, ns[i], &none), PAGENC_RESULT_NULL_ARGUMENT);
+        CHECK(none == (pagenc_tracker *)0x1);
+        CHECK_RC(pagenc_layout_check(NULL, ns[i], msg, sizeof(msg)),
+                 PAGENC_RESULT_NULL_ARGUMENT);
+        CHECK(strstr(msg, "`ram` is NULL") != NULL);
+    }
+
     /* an empty layout is fine (a guest without RAM yet) */
     pagenc_tracker *t = NULL;
     CHECK_RC(pagenc_tracker_new(NULL, 0, &t), PAGENC_RESULT_OK);

@@ -157,9 +157,15 @@ static void readiness(pagenc_tracker *t)
 
 static void reentrance(pagenc_tracker *t)
 {
+    struct pagenc_stats before, after;
+    CHECK_RC(pagenc_tracker_stats(t, &before), PAGENC_RESULT_OK);
     rec.tracker = t;
     rec.reenter = 1;
     map(t, 0x9000, 1, false);
+    /* stats.hypercalls counts every call handed in: the outer one and the
+     * re-entrant one that got PAGENC_RESULT_REENTRANT (issue 10: it was not) */
+    CHECK_RC(pagenc_tracker_stats(t, &after), PAGENC_RESULT_OK);
+    CHECK_U64(after.hypercalls - before.hypercalls, 2);
     EXPECT({ 0x9000, 1, false });
     CHECK_RC(rec.reentrant_rc[0], PAGENC_RESULT_REENTRANT);
     CHECK_U64(rec.reentrant_hc_ret, RET_EINVAL);

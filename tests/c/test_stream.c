@@ -6,7 +6,9 @@
  * the destination unchanged and no callback called.
  *
  * The streams are written out by hand from docs/stream-format.md, so this
- * also checks that the library writes what the document says.
+ * also checks that the library writes what the document says. The CRC32C
+ * below is the bitwise textbook form, written here from the definition so that
+ * the test does not share the library's implementation.
  */
 #include <stdlib.h>
 
@@ -32,7 +34,29 @@ static size_t put_be(uint8_t *p, uint64_t v, int n)
     return (size_t)n;
 }
 
-/* A stream: the 56-byte big-endian header, then `rec_len` record bytes. */
+/* CRC32C (Castagnoli, reflected polynomial 0x82f63b78), bit by bit. */
+static uint32_t crc32c(const uint8_t *p, size_t n)
+{
+    uint32_t crc = 0xffffffffu;
+    for (size_t i = 0; i < n; i++) {
+        crc ^= p[i];
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0x82f63b78u & (0u - (crc & 1)));
+    }
+    return ~crc;
+}
+
+/* The RAM ranges a stream names (its layout block), in gfns [start, end). */
+static const uint64_t q35_gfns[][2] = {
+    { 0, 2 * GIB / PAGE },
+    { 4 * GIB / PAGE, 6 * GIB / PAGE },
+};
+static const uint64_t (*layout_block)[2] = q35_gfns;
+static size_t layout_n = 2;
+
+/* A stream: the 56-byte big-endian header, the layout block (be32 count, then
+ * be64 start and end gfn per range), `rec_len` record bytes, the be32 CRC32C
+ * of everything before it. */
 static size_t build(uint8_t *out, const struct hdr *h, const uint8_t *rec, size_t rec_len)
 {
     size_t n = 0;
@@ -46,12 +70,20 @@ static size_t build(uint8_t *out, const struct hdr *h, const uint8_t *rec, size_
     n += put_be(out + n, h->shared_pages, 8);
     n += put_be(out + n, h->range_count, 8);
     n += put_be(out + n, h->record_count, 8);
+    n += put_be(out + n, layout_n, 4);
+    for (size_t i = 0; i < layout_n; i++) {
+        n += put_be(out + n, layout_block[i][0], 8);
+        n += put_be(out + n, layout_block[i][1], 8);
+    }
     memcpy(out + n, rec, rec_len);
-    return n + rec_len;
+    n += rec_len;
+    return n + put_be(out + n, crc32c(out, n), 4);
 }
 
 /* The source's list: gfn 0x100 + 16 pages and gfn 0x200 + 1 page; ready. */
-static const struct hdr good = { "PGEL", 1, 0, Q35_PAGES, Q35_END, 1, 17, 2, 2 };
+static const struct hdr good = { "PGEL", 2, 0, Q35_PAGES, Q35_END, 1, 17, 2, 2 };
+/* header 56 + layout block 4 + 2 * 16 + records 8 + checksum 4 */
+#define GOOD_LEN 104
 /* range records: tag 0x01, LEB128 start, LEB128 len */
 static const uint8_t good_rec[] = { 0x01, 0x80, 0x02, 0x10, 0x01, 0x80, 0x04, 0x01 };
 
@@ -111,7 +143,7 @@ static void save(pagenc_tracker *src, uint8_t *expected, size_t expected_len)
     /* the size first, then a buffer that is too small: untouched */
     CHECK_RC(pagenc_save(src, NULL, 0, &written), PAGENC_RESULT_BUFFER_TOO_SMALL);
     CHECK_U64(written, expected_len);
-    CHECK_MSG(src, "64 bytes are needed");
+    CHECK_MSG(src, "104 bytes are needed");
     memset(buf, 0xee, sizeof(buf));
     written = 0;
     CHECK_RC(pagenc_save(src, buf, 10, &written), PAGENC_RESULT_BUFFER_TOO_SMALL);
@@ -182,15 +214,23 @@ static void corruptions(pagenc_tracker *dst, const uint8_t *valid, size_t valid_
     REFUSED(valid, 3, "magic");
     REFUSED(valid, 5, "version");
     REFUSED(valid, 55, "truncated");
-    REFUSED(valid, 56, "announces 2 records"); /* and no byte left for them */
-    REFUSED(valid, 58, "announces 2 records");
-    REFUSED(valid, valid_len - 1, "truncated");
+    REFUSED(valid, 63, "truncated"); /* too short to hold a checksum */
+    REFUSED(valid, 64, "damaged");   /* the last 4 bytes are no checksum of the rest */
+    REFUSED(valid, valid_len - 1, "damaged");
     CHECK_RC(pagenc_load(dst, NULL, 0), PAGENC_RESULT_BAD_STREAM);
+    /* any byte changed after the version: the checksum says so first */
+    for (size_t i = 6; i < valid_len; i++) {
+        memcpy(s, valid, valid_len);
+        s[i] ^= 0x10;
+        REFUSED(s, valid_len, "checksum");
+    }
 
     h = good, h.magic = "PGEX";
     REFUSED_HDR(h, good_rec, "magic");
-    h = good, h.version = 2;
-    REFUSED_HDR(h, good_rec, "version 2");
+    h = good, h.version = 3;
+    REFUSED_HDR(h, good_rec, "version 3 is newer");
+    h = good, h.version = 1;
+    REFUSED_HDR(h, good_rec, "version 1 is from an older pagenc");
     h = good, h.version = 0;
     REFUSED_HDR(h, good_rec, "version 0");
     h = good, h.flags = 0x8000;
@@ -245,6 +285,21 @@ static void corruptions(pagenc_tracker *dst, const uint8_t *valid, size_t valid_
         /* a bitmap of 2^40 chunks in 3 bytes */
         const uint8_t bitmap_huge[] = { 0x02, 0x00, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20 };
         REFUSED_HDR(h, bitmap_huge, "truncated");
+    }
+
+    /* a layout block naming other ranges of the same size and end */
+    {
+        static const uint64_t other[][2] = {
+            { 0, 1 * GIB / PAGE },
+            { 3 * GIB / PAGE, 6 * GIB / PAGE },
+        };
+        h = good;
+        layout_block = other;
+        REFUSED_HDR(h, good_rec, "source RAM range 0 (byte 60) is gpa [0x0, 0x40000000)");
+        layout_block = q35_gfns;
+        layout_n = 1;
+        REFUSED_HDR(h, good_rec, "source RAM range 1 (byte 76) is none");
+        layout_n = 2;
     }
 
     /* another RAM layout at the destination */
@@ -326,19 +381,83 @@ static void round_trip_fragmented(void)
     CHECK_U64(s.shared_pages, 32768 + 16384 + 1);
     CHECK_U64(s.shared_ranges, 32768 + 2);
 
-    /* a flipped byte in the records is refused, or (inside a bitmap) loads
-     * another valid list: never another code, never a crash or a leak */
-    int refused_n = 0, other = 0;
-    for (size_t i = 56; i < len; i += 97) {
+    /* a flipped byte anywhere, bitmaps included, is refused as damage: never
+     * another code, never a crash or a leak */
+    int refused_n = 0, tries = 0;
+    for (size_t i = 6; i < len; i += 97) {
+        enum pagenc_stream_problem p = PAGENC_STREAM_PROBLEM_NONE;
         buf[i] ^= 0x41;
-        int rc = pagenc_load(dst, buf, len);
-        refused_n += rc == PAGENC_RESULT_BAD_STREAM;
-        other += rc != PAGENC_RESULT_BAD_STREAM && rc != PAGENC_RESULT_OK;
+        int rc = pagenc_load_detailed(dst, buf, len, &p);
+        refused_n += rc == PAGENC_RESULT_BAD_STREAM && p == PAGENC_STREAM_PROBLEM_DAMAGED;
+        tries++;
         buf[i] ^= 0x41;
     }
-    CHECK_U64(other, 0);
-    CHECK(refused_n > 0);
+    CHECK_U64(refused_n, tries);
     free(buf);
+    pagenc_tracker_free(src);
+    pagenc_tracker_free(dst);
+}
+
+/* pagenc_load_detailed names the class of each problem (issue 10, point 5):
+ * what a VMM acts on differently, without parsing the message. */
+static void problems(void)
+{
+    pagenc_tracker *src = new_tracker(), *dst = new_tracker();
+    uint8_t b[GOOD_LEN + 64];
+    size_t n;
+    struct hdr h;
+    enum pagenc_stream_problem p;
+
+#define PROBLEM(t, bytes, len, want_rc, want)                                         \
+    do {                                                                              \
+        p = (enum pagenc_stream_problem)99;                                           \
+        CHECK_RC(pagenc_load_detailed((t), (bytes), (len), &p), (want_rc));           \
+        CHECK_U64(p, (want));                                                         \
+    } while (0)
+
+    n = build(b, &good, good_rec, sizeof(good_rec));
+    PROBLEM(dst, b, n, PAGENC_RESULT_OK, PAGENC_STREAM_PROBLEM_NONE);
+    CHECK(!pagenc_is_encrypted(dst, 0x100000));
+    b[70] ^= 1;
+    PROBLEM(dst, b, n, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_DAMAGED);
+    PROBLEM(dst, b, 20, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_DAMAGED);
+    h = good, h.magic = "GIF8";
+    n = build(b, &h, good_rec, sizeof(good_rec));
+    PROBLEM(dst, b, n, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_NOT_A_STREAM);
+    h = good, h.version = 9;
+    n = build(b, &h, good_rec, sizeof(good_rec));
+    PROBLEM(dst, b, n, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_NEWER_VERSION);
+    h = good, h.version = 1;
+    n = build(b, &h, good_rec, sizeof(good_rec));
+    PROBLEM(dst, b, n, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_OLD_VERSION);
+    h = good, h.ram_end = Q35_END + 1;
+    n = build(b, &h, good_rec, sizeof(good_rec));
+    PROBLEM(dst, b, n, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_WRONG_LAYOUT);
+    /* a right checksum over wrong content: not damage, an invalid writer */
+    h = good, h.shared_pages = 99;
+    n = build(b, &h, good_rec, sizeof(good_rec));
+    PROBLEM(dst, b, n, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_INVALID);
+
+    /* a stream the library saved, loaded where RAM is laid out otherwise */
+    {
+        const struct pagenc_ram_range other[] = {
+            { .gpa = 0, .size = 1 * GIB },
+            { .gpa = 3 * GIB, .size = 3 * GIB },
+        };
+        pagenc_tracker *o = NULL;
+        size_t w = 0;
+        CHECK_RC(pagenc_tracker_new(other, 2, &o), PAGENC_RESULT_OK);
+        CHECK_RC(pagenc_map_gpa_range(src, 0x1000, 1, 0, NULL), PAGENC_RESULT_OK);
+        CHECK_RC(pagenc_save(src, b, sizeof(b), &w), PAGENC_RESULT_OK);
+        PROBLEM(o, b, w, PAGENC_RESULT_BAD_STREAM, PAGENC_STREAM_PROBLEM_WRONG_LAYOUT);
+        CHECK_MSG(o, "another RAM layout");
+        PROBLEM(dst, b, w, PAGENC_RESULT_OK, PAGENC_STREAM_PROBLEM_NONE);
+        pagenc_tracker_free(o);
+    }
+    /* not the stream's fault: no problem class; NULL problem is fine */
+    PROBLEM(NULL, b, 10, PAGENC_RESULT_NULL_ARGUMENT, PAGENC_STREAM_PROBLEM_NONE);
+    CHECK_RC(pagenc_load_detailed(dst, b, 10, NULL), PAGENC_RESULT_BAD_STREAM);
+#undef PROBLEM
     pagenc_tracker_free(src);
     pagenc_tracker_free(dst);
 }
@@ -351,7 +470,7 @@ int main(void)
 
     if (!CHECK(src != NULL && dst != NULL))
         return check_summary("test_stream");
-    CHECK_U64(expected_len, 64);
+    CHECK_U64(expected_len, GOOD_LEN);
 
     CHECK_RC(pagenc_map_gpa_range(src, 0x100000, 16, 0, NULL), PAGENC_RESULT_OK);
     CHECK_RC(pagenc_map_gpa_range(src, 0x200000, 1, 0, NULL), PAGENC_RESULT_OK);
@@ -367,5 +486,6 @@ int main(void)
     pagenc_tracker_free(dst);
 
     round_trip_fragmented();
+    problems();
     return check_summary("test_stream");
 }

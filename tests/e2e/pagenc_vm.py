@@ -177,9 +177,12 @@ class Vm:
         accel: Optional[str] = None,
         extra_args: Iterable[str] = (),
         qmp_extra: int = 1,
-        defaults: bool = False,
+        nodefaults: bool = True,
+        payload: bool = True,
     ):
-        """defaults=True: q35's default devices (std VGA, e1000e, ...) instead of -nodefaults."""
+        """`nodefaults=False` keeps the machine's default devices (q35: std VGA, e1000e,
+        whose option ROM comes from Debian's ipxe-qemu in build/firmware);
+        `payload=False` boots no -kernel (firmware alone, e.g. OVMF in extra_args)."""
         self.name = name
         self.dir = Path(workdir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -191,17 +194,21 @@ class Vm:
         self.serial_path = self.dir / "serial.sock"
         self.debugcon_path = self.dir / "debugcon.log"
         self.stderr_path = self.dir / "stderr.log"
+        # Everything the guest writes to COM1, connected or not (chardev logfile).
+        self.serial_log_path = self.dir / "serial.log"
         for p in [self.qmp_path, self.serial_path, *self.qmp_extra_paths]:
             p.unlink(missing_ok=True)
         args = [
             str(QEMU_BIN),
             "-machine", "q35", "-accel", self.accel,
-            "-nographic", *([] if defaults else ["-nodefaults"]),
-            "-L", str(ROM_DIR), "-L", BIOS_DIR, *(["-L", str(IPXE_DIR)] if defaults else []),
+            *(["-nographic", "-nodefaults"] if nodefaults else
+              ["-display", "none", "-monitor", "none"]),
+            "-L", str(ROM_DIR), "-L", BIOS_DIR, *([] if nodefaults else ["-L", str(IPXE_DIR)]),
             "-m", str(mem_mb), "-smp", "1",
-            "-kernel", str(PAYLOAD), "-append", append,
+            *(["-kernel", str(PAYLOAD), "-append", append] if payload else []),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off",
+            "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off,"
+                        f"logfile={self.serial_log_path}",
             "-serial", "chardev:ser0",
             "-debugcon", f"file:{self.debugcon_path}",
         ]
@@ -225,7 +232,7 @@ class Vm:
     def launch(self, timeout: float = 20.0) -> "Vm":
         if not QEMU_BIN.exists():
             raise HarnessError(f"{QEMU_BIN} does not exist: run scripts/build-qemu.sh")
-        if not PAYLOAD.exists():
+        if "-kernel" in self.args and not PAYLOAD.exists():
             raise HarnessError(f"{PAYLOAD} does not exist: run make -C guest")
         self.proc, self.qmp = qemu_proc.start(self.args, self.qmp_path, self.stderr_path,
                                               timeout, self.name, error=HarnessError)
@@ -263,6 +270,12 @@ class Vm:
     def stderr_text(self) -> str:
         try:
             return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def serial_text(self) -> str:
+        try:
+            return self.serial_log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
 

@@ -73,8 +73,8 @@ def live(request):
         # Default devices (VGA, e1000e, ...): the guest RAM layout must not depend on the
         # device state the destination loads after pagenc's section (review finding 1).
         src, made = boot_source(make, extra_args=["-D", str(trace), *scenario.TRACE_ARGS],
-                                defaults=True)
-        dst = make("dst", incoming=f"unix:{work}/mig.sock", paused=True, defaults=True)
+                                nodefaults=False)
+        dst = make("dst", incoming=f"unix:{work}/mig.sock", paused=True, nodefaults=False)
         before = src.pagenc_api.query()
         lm = scenario.LiveMigration(src, f"unix:{work}/mig.sock", min_conversions=300,
                                     timeout=MIGRATION_TIMEOUT)
@@ -240,8 +240,8 @@ def damage(data: bytes, how: str) -> bytes:
     if how == "corrupt":
         buf[m + 4:m + 6] = b"\x7f\xfe"              # version 32766: unknown
     elif how == "overlong-count":
-        # record_count claims one more record than there is: the next section's bytes are
-        # read as a record or the blob runs short.
+        # record_count claims one more record than there is: the CRC32C trailer no longer
+        # matches (pagenc stream version 2), so the blob is refused as damaged.
         count = int.from_bytes(buf[m + 48:m + 56], "big")
         buf[m + 48:m + 56] = (count + 1).to_bytes(8, "big")
     elif how == "truncate":
@@ -255,7 +255,7 @@ def damage(data: bytes, how: str) -> bytes:
 # What pagenc's load must say for each damage (QEMU's stderr / error-desc).
 DAMAGE_MESSAGE = {
     "corrupt": "stream version 32766 is newer than this build",
-    "overlong-count": "stream truncated",
+    "overlong-count": "stream is damaged",
     # A stream cut inside the list: QEMU's vmstate layer reads the buffer and names the device.
     "truncate": "of device 'pagenc': Failed to load pagenc state",
 }
