@@ -78,9 +78,6 @@ def vga_devices(vm: Vm) -> list[dict]:
             if d["class_info"]["class"] == VGA_CLASS]
 
 
-@xfail("the build needs CONFIG_VGA_PCI (q35's default std VGA), and v2's guest-RAM model "
-       "must migrate a guest whose VGA BAR maps vga.vram (v1 series: no VGA in the q35-only "
-       "build)", "#1")
 def test_default_devices_guest_migrates_with_its_list(vms):
     w = vms.workdir
     src = vms("src", nodefaults=False)
@@ -144,9 +141,9 @@ def ovmf():
     # Passes on v1: what plain OVMF programs (PAM, BARs of the -nodefaults machine)
     # happens to leave the number of RAM pages in the flat view unchanged.
     "plain",
-    pytest.param("smm", marks=xfail(
-        "OVMF with SMM enables TSEG; v2 keeps the layout independent of it "
-        "(v1: the destination refuses the list for another RAM layout)", "#1")),
+    # Failed on v1 (the destination refused the list "for another RAM layout": OVMF with
+    # SMM enables TSEG); v2's layout does not depend on it.
+    "smm",
 ])
 def test_ovmf_boots_to_boot_manager_and_migrates(vms, ovmf, variant):
     """Boot Debian's OVMF under TCG until its boot manager runs, share pages, migrate.

@@ -4,11 +4,9 @@ Each test reproduces one finding of ../shared/reference/qemu-series-review.md
 (the number is in the test's name and in its marker) through the patched
 QEMU's public interfaces only: QMP, the qtest protocol (port I/O, as a guest
 does it) and QEMU's trace output. They are written
-against series v1 and are expected to fail there: every test that fails on
-v1 carries `xfail(strict=True, raises=AssertionError)`, so `make check` stays
-green today, and a test that starts passing (v2) turns into a failure until
-its marker is deleted. `raises=AssertionError` keeps the expected failure
-honest: a harness error (QMP error, crash, timeout) is a real failure.
+against series v1 and failed there (they carried `xfail(strict=True,
+raises=AssertionError)`); series v2 fixes every one of them, so the markers
+are gone (xfail() below stays for a finding a later series may reopen).
 
 Every QEMU here runs under TCG with `-S` (the guest never runs; the one
 exception is the background-snapshot source, see there): the review
@@ -46,7 +44,7 @@ GiB = 1 << 30
 # property); if that needs an argument, it goes here.
 ACCEL = "tcg"
 TESTING_ARGS: list[str] = []
-TESTING_PROPS: dict[str, object] = {}
+TESTING_PROPS: dict[str, object] = {"x-testing": True}
 
 
 def object_props(extra: str) -> str:
@@ -59,8 +57,9 @@ def object_props(extra: str) -> str:
 # The per-page classification trace point of the RAM loop and its format
 # (backends/trace-events of the series). v2 may rename it: change both here.
 RAM_PAGE_TRACE = "pagenc_ram_page"
+# v2: page=0 encrypted, 1 shared, 2 not guest RAM (QemuPagencPage)
 RAM_PAGE_RE = re.compile(r"pagenc_ram_page block=(\S+) offset=0x([0-9a-f]+) "
-                         r"gpa=0x([0-9a-f]+) encrypted=([01])")
+                         r"gpa=0x([0-9a-f]+) page=([012])")
 
 # RAMBlocks that are the guest's RAM on q35 without memory backends: `-m`
 # gives one block, pc.ram, mapped at GPA 0 below the PCI hole and at 4 GiB
@@ -281,8 +280,6 @@ def qmp_pipeline(path: Path, commands: list[dict], timeout: float = 90.0) -> lis
 # restored yet. TSEG, enabled as OVMF+SMM does, is the smallest reproduction.
 # --------------------------------------------------------------------------
 
-@xfail(1, "v2 tracks guest RAM at fixed GPAs, so a source with TSEG enabled loads "
-          "(v1: 'stream is for another RAM layout')")
 @pytest.mark.parametrize("transport", ["file", "socket"])
 def test_finding1_tseg_enabled_source_migrates(vms, workdir, transport):
     src, qt = start(vms, workdir, "src", pagenc="require-ready=off", qtest=True)
@@ -340,8 +337,6 @@ def wait_job(q, job_id: str, timeout: float = MIGRATION_TIMEOUT) -> dict:
     return job
 
 
-@xfail(1, "v2 loads a snapshot taken with TSEG enabled "
-          "(v1: loadvm resets the machine, then refuses the list for another RAM layout)")
 def test_finding1_loadvm_with_tseg_enabled(vms, workdir):
     """savevm and loadvm in one QEMU with a qcow2 node that no device uses (the
     build has no disk device and needs none for `snapshot-save`)."""
@@ -380,7 +375,6 @@ def test_finding1_loadvm_control_without_tseg(vms, workdir):
 # hidden by an overlay classified as shared.
 # --------------------------------------------------------------------------
 
-@xfail(6, "v2's ram-bytes is the guest RAM (v1 adds the 256 KiB BIOS ROM)")
 @pytest.mark.parametrize("mem_mb", [256, 3072])
 def test_finding6_ram_bytes_is_the_guest_ram(vms, workdir, mem_mb):
     """-m 3072 puts 2 GiB below the PCI hole and 1 GiB above 4 GiB on q35."""
@@ -394,13 +388,10 @@ def read_classification(log: Path) -> dict[str, dict[int, bool]]:
     """block -> {offset: encrypted} from the trace; the last send of a page wins."""
     out: dict[str, dict[int, bool]] = {}
     for m in RAM_PAGE_RE.finditer(log.read_text(errors="replace")):
-        out.setdefault(m.group(1), {})[int(m.group(2), 16)] = m.group(4) == "1"
+        out.setdefault(m.group(1), {})[int(m.group(2), 16)] = m.group(4) == "0"
     return out
 
 
-@xfail(6, "v2 classifies by guest RAM: ROM/device RAM pages are not encrypted, and pc.ram "
-          "pages behind SMRAM/PAM/TSEG stay encrypted (v1: pc.bios/pc.rom encrypted=1, "
-          "hidden pc.ram shared)")
 def test_finding6_pages_are_classified_by_guest_ram(vms, workdir):
     """One migration with TSEG enabled, classified page by page (RAM_PAGE_TRACE).
 
@@ -452,8 +443,6 @@ def test_finding6_pages_are_classified_by_guest_ram(vms, workdir):
 # Finding #4: background snapshots drop the list.
 # --------------------------------------------------------------------------
 
-@xfail(4, "v2 carries the list in a background snapshot or refuses it naming pagenc "
-          "(v1: the snapshot completes and the destination loads an empty list)")
 def test_finding4_background_snapshot_keeps_or_refuses(vms, workdir):
     # A running source: QEMU 10.0 aborts a background snapshot of a machine that
     # never ran ("invalid runstate transition: 'prelaunch' -> 'paused'").
@@ -485,8 +474,6 @@ def test_finding4_background_snapshot_keeps_or_refuses(vms, workdir):
 # Finding #5: readiness withdrawn during a migration that is then cancelled.
 # --------------------------------------------------------------------------
 
-@xfail(5, "v2 re-evaluates the blocker once the cancelled migration is final "
-          "(v1: migration-blocked false, the next migrate is accepted)")
 def test_finding5_cancel_after_readiness_withdrawn_keeps_the_blocker(vms, workdir):
     src, _ = start(vms, workdir, "src", pagenc="")
     share_some(src)
@@ -528,8 +515,6 @@ def test_finding5_cancel_after_readiness_withdrawn_keeps_the_blocker(vms, workdi
 N_RANGES = 16384
 
 
-@xfail(8, "v2 drops the range list from the default reply "
-          "(v1: 16 384 ranges make it about 0.5 MB)")
 def test_finding8_default_query_reply_is_bounded(vms, workdir):
     """16 384 shared ranges (every other page from 16 MiB), then the default
     reply must stay under QUERY_REPLY_BOUND. The paged form of v2 is not
@@ -543,7 +528,7 @@ def test_finding8_default_query_reply_is_bounded(vms, workdir):
     bad = [r for r in replies if r.get("return", {}).get("ret") != 0]
     if bad:
         raise HarnessError(f"{len(bad)} map calls failed, e.g. {bad[0]}")
-    info = q.pagenc()
+    info = q.cmd("query-pagenc")               # the default reply (no ranges asked for)
     if info["shared-ranges"] != N_RANGES:
         raise HarnessError(f"shared-ranges is {info['shared-ranges']}, expected {N_RANGES}")
     size = len(json.dumps(info))
@@ -557,8 +542,6 @@ def test_finding8_default_query_reply_is_bounded(vms, workdir):
 # created during an outgoing one (TCG: under KVM neither is allowed at all).
 # --------------------------------------------------------------------------
 
-@xfail(19, "v2 refuses object-del of pagenc while an incoming migration runs "
-           "(v1 deletes it: use-after-free at the END section)")
 def test_finding19_object_del_refused_during_incoming_migration(vms, workdir):
     sock = workdir / "mig.sock"
     dst, _ = start(vms, workdir, "dst", ["-incoming", "defer"], pagenc="require-ready=off")
@@ -574,8 +557,6 @@ def test_finding19_object_del_refused_during_incoming_migration(vms, workdir):
     assert dst.pagenc()["id"] == "pe0"
 
 
-@xfail(19, "v2 refuses object-add pagenc while an outgoing migration runs "
-           "(v1 registers a section whose END goes out without a START)")
 def test_finding19_object_add_refused_during_outgoing_migration(vms, workdir):
     src, _ = start(vms, workdir, "src", pagenc=None)
     path = workdir / "vm.mig"
