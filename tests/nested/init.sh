@@ -53,7 +53,7 @@ say "kvm-amd loaded: $params"
 result "L1 kernel=$(uname -r) kvm_amd $params"
 
 if [ "$run" = shell ]; then
-    say "shell: the rig's tools are in /bin (qemu-system-x86_64, qmpc), the guest is /payload.elf;"
+    say "shell: the patched QEMU is /usr/bin/qemu-system-x86_64, the QMP client /bin/qmpc, the guest /payload.elf,"
     say "       /l1.sh has the scenarios (e.g. 'sh /l1.sh single'); 'poweroff -f' leaves"
     setsid cttyhack sh -l
     finish
