@@ -252,7 +252,8 @@ cmd_run() {
     [ -f "$N/k-$k/vmlinuz" ] || die "no kernel $k: run '$0 fetch'"
     [ -f "$N/initrd-$k.img" ] || die "no initramfs: run '$0 initramfs'"
     mkdir -p "$out"
-    rm -f "$out/results-$k.txt"
+    # Only `check` writes status "ok": results of a run by hand are not what tests/nested expects.
+    rm -f "$out/results-$k.txt" "$out/status"
     say "boot L1 $(cat "$N/k-$k/release") under TCG (-cpu $NESTED_CPU), nested.run=$run, limit ${limit}s"
     local rc=0
     set +e
@@ -263,7 +264,11 @@ cmd_run() {
         -append "console=ttyS0 panic=-1 quiet edd=off nested.run=$run" \
         -chardev stdio,id=con,signal=off -serial chardev:con \
         -serial "file:$out/results-$k.txt" 2>&1 < /dev/null |
-        while IFS= read -r line; do printf '[nested %6ss] L1 %s| %s\n' "$(el)" "$k" "${line%$'\r'}"; done
+        while IFS= read -r line; do
+            # TCG lacks a few features of the EPYC model (nrip-save among them, docs/nested.md)
+            case "$line" in *"TCG doesn't support requested feature"*) continue ;; esac
+            printf '[nested %6ss] L1 %s| %s\n' "$(el)" "$k" "${line%$'\r'}"
+        done
     rc=${PIPESTATUS[0]}
     set -e
     if [ "$rc" = 137 ]; then

@@ -236,6 +236,19 @@ def need(rig, kernel: str, name: str) -> str:
 
 
 KERNELS = ["6.1", "6.12"]
+# What scripts/nested-rig.sh check runs on each L1 boot.
+SCENARIOS = {"6.1": ["kvmtests", "single", "negctl"], "6.12": ["kvmtests", "single", "migrate"]}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_scenario_in_l1_passed(rig, kernel):
+    text = (OUT / f"results-{kernel}.txt").read_text().replace("\r", "")
+    assert re.search(rf"^L1 kernel={re.escape(kernel)}\.\S* kvm_amd nested=1 npt=Y", text, re.M), \
+        "L1 did not load kvm-amd with nested SVM and NPT"
+    ran = dict(re.findall(r"^SCENARIO (\S+) rc=(\d+)$", text, re.M))
+    assert ran == {s: "0" for s in SCENARIOS[kernel]}, \
+        f"scenarios in L1 {kernel}: {ran}; failures: {re.findall(r'^FAIL .*$', text, re.M)}"
+    assert "=== L1 DONE" in text
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
