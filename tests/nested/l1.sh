@@ -105,7 +105,7 @@ snapshot() {
 
 wait_status() {
     local i=0
-    while ! q "$1" '{"execute":"query-status"}' | grep -q "\"status\": \"$2\""; do
+    while ! q "$1" '{"execute":"query-status"}' | grep -q "\"status\": *\"$2\""; do
         i=$((i + 1))
         [ $i -le $(($3 * 5)) ] || fail "$1: not $2 after $3 s: $(q "$1" '{"execute":"query-status"}')"
         usleep 200000
@@ -162,7 +162,7 @@ scenario_migrate() {
     released=0 i=0
     while :; do
         mi=$(q src '{"execute":"query-migrate"}')
-        st=$(echo "$mi" | sed -n 's/.*"status": "\([a-z-]*\)".*/\1/p')
+        st=$(echo "$mi" | sed -n 's/.*"status": *"\([a-z-]*\)".*/\1/p')
         case "$st" in
             pre-switchover)
                 conv1=$(tally_get src conversions)
@@ -171,7 +171,7 @@ scenario_migrate() {
             completed) break ;;
             failed|cancelled) fail "migration $st: $mi $(cat $W/src.log)" ;;
         esac
-        syncs=$(echo "$mi" | sed -n 's/.*"dirty-sync-count": \([0-9]*\).*/\1/p')
+        syncs=$(echo "$mi" | sed -n 's/.*"dirty-sync-count": *\([0-9]*\).*/\1/p')
         if [ $released = 0 ] && [ "$st" = active ] &&
            [ $(($(tally_get src conversions) - conv0)) -ge 300 ] && [ "${syncs:-0}" -ge 3 ]; then
             say "migrate: $(($(tally_get src conversions) - conv0)) conversions, $syncs dirty syncs: bandwidth cap lifted"

@@ -148,13 +148,18 @@ int main(int argc, char **argv)
                      argv[i]);
             send_all(cmd);
             char *l = reply();
-            char *r = strstr(l, "\"return\": \"");
-            if (!r) {
+            char *r = strstr(l, "\"return\"");
+            if (r) {
+                /* "return": "text" (with or without blanks around the colon) */
+                r += strlen("\"return\"");
+                r += strspn(r, " :");
+            }
+            if (!r || *r != '"') {
                 fprintf(stderr, "qmpc: %s -> %s\n", argv[i], l);
                 failed = 1;
                 continue;
             }
-            print_json_string(r + strlen("\"return\": \""));
+            print_json_string(r + 1);
         } else {
             send_all(argv[i]);
             send_all("\n");
