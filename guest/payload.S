@@ -23,6 +23,38 @@
  *   base=N     region start in MiB (default 16)
  *   mb=N       region size in MiB (default 32; clamped to the RAM end)
  *   delay=N    busy-wait N iterations per page (slows the dirty rate)
+ *   hc         hypercall mode (below); implies READY through WRMSR
+ *   hcwrong    hc, plus a negative control: the very first check expects a
+ *              wrong value, so exactly one MISMATCH must be reported
+ *
+ * Hypercall mode (`hc`) makes the KVM_HC_MAP_GPA_RANGE calls itself with
+ * VMMCALL. It is off by default and must stay off on a KVM that does not
+ * deliver them: this development host's PVM-based /dev/kvm livelocks a
+ * 64-bit VMMCALL. It is used by the nested rig (docs/nested.md), where L1's
+ * own kvm-amd turns every VMMCALL into a KVM_EXIT_HYPERCALL for QEMU. The
+ * payload switches to long mode (identity map, 2 MiB pages; its 32-bit code
+ * goes on in compatibility mode, 64-bit calls go through a far call into a
+ * 64-bit stub) and then, like a booting Linux SEV guest (needs -m 128 or more):
+ *   E820 re-encryption; .bss..decrypted; a few 32-bit calls; READY by WRMSR
+ *   (read back; a reserved bit must #GP); per-CPU pages; swiotlb as
+ *   ascending calls with the 4K hint; hostile calls (reserved attribute
+ *   bits, bad page-size hint, beyond 52 bits: refused by pagenc; misaligned
+ *   gpa, npages 0, gfn + npages wrapping 64 bits, unknown nr: answered by KVM
+ *   itself before any exit); .bss..decrypted tail re-encrypted; then, while
+ *   dirtying memory,
+ *   a conversion every 64 pages in a churn region (one in 8 from 32-bit
+ *   code, a hostile call every 256).
+ * Every RAX (and MSR result) is checked against what KVM/pagenc must return;
+ * a mismatch prints "pagenc-guest: MISMATCH ..." on the debug console. The
+ * guest keeps its own model of the shared pages (a bitmap over the first
+ * 128 MiB, updated on every accepted call) and a tally at 0x7000:
+ *   0x7000 pass  0x7004 checks  0x7008 mismatches  0x700c VMMCALLs
+ *   0x7010 churn conversions  0x7014 stage (1 = boot sequence done)
+ *   0x7018 model bitmap address  0x701c pages the model covers
+ *   0x7020 1 while a call is in flight (from before its VMMCALL until the
+ *          model has its result), 0x7024/28/2c its gpa, npages, attrs (low
+ *          halves): a VMM may stop the guest after it has handled the exit but
+ *          before the guest sees RAX, so the list can be one call ahead
  *
  * The pass counter is also kept at the fixed guest-physical address 0x7000
  * (PASS_ADDR) so a host can read it with `xp /1wx 0x7000`.
@@ -38,6 +70,30 @@
     .set PAGE,              4096
     .set PASS_ADDR,         0x7000
     .set POLL_MASK,         0xff         /* poll COM1 every 256 pages */
+    /* hypercall mode */
+    .set KVM_HC_MAP_GPA_RANGE, 12
+    .set ENC,               0x10         /* KVM_MAP_GPA_RANGE_ENCRYPTED; 4K hint = 0 */
+    .set EINVAL,            -22          /* -KVM_EINVAL */
+    .set ENOSYS,            -1000        /* -KVM_ENOSYS */
+    .set T_CHECKS,          0x7004
+    .set T_BAD,             0x7008
+    .set T_VMMCALLS,        0x700c
+    .set T_CONV,            0x7010
+    .set T_STAGE,           0x7014
+    .set T_MODEL,           0x7018
+    .set T_MODEL_PAGES,     0x701c
+    .set T_INFLIGHT,        0x7020
+    .set T_IF_GPA,          0x7024
+    .set T_IF_NPAGES,       0x7028
+    .set T_IF_ATTRS,        0x702c
+    .set MODEL_PAGES,       32768        /* 128 MiB */
+    .set HC_MIN_RAM,        0x07200000   /* above the per-CPU pages; SeaBIOS keeps the top of a 128 MiB guest */
+    .set BSS_DEC,           0x03a00000   /* .bss..decrypted, 2 MiB */
+    .set BSS_DEC_USED,      0x1c0000
+    .set CHURN_BASE,        0x06000000   /* 96 MiB: conversions while running */
+    .set CHURN_PAGES,       2048
+    .set CHURN_MASK,        63           /* a conversion every 64 pages dirtied */
+    .set SEL_CODE64,        0x18
 
     .section .multiboot, "a"
     .align 4
@@ -92,12 +148,18 @@ _start:
     xorl %eax, %eax
     call safe_wrmsr
 
+    movl $0, PASS_ADDR
+    cmpl $0, opt_hc
+    je 7f
+    call hc_setup
+    call hc_boot_sequence
+    jmp 3f
+7:
     cmpl $0, opt_ready
     je 3f
     movl $1, %eax
     call write_migration_control
 3:
-    movl $0, PASS_ADDR
 
 main_loop:
     movl region_start, %edi
@@ -112,6 +174,12 @@ page_loop:
 5:  pause
     loop 5b
 4:
+    cmpl $0, opt_hc
+    je 8f
+    testl $(CHURN_MASK << 12), %edi
+    jnz 8f
+    call hc_churn
+8:
     cmpl $0, opt_serial
     je 6f
     movl %edi, %eax
@@ -131,6 +199,10 @@ page_loop:
     call puts
     movl PASS_ADDR, %eax
     call puthex
+    cmpl $0, opt_hc
+    je 9f
+    call hc_print_tally
+9:
     movl $msg_nl, %esi
     call puts
     jmp main_loop
@@ -273,6 +345,8 @@ fatal_handler:
     hlt
     jmp 3b
 
+    .include "hypercall.S"
+
 /* ---------------------------------------------------------------------- */
 /* Options from the multiboot command line; defaults otherwise. */
 parse_cmdline:
@@ -298,6 +372,19 @@ parse_cmdline:
     jz 2f
     movl $1, opt_serial
 2:
+    movl $opt_s_hc, %edi
+    call strstr
+    testl %eax, %eax
+    jz 21f
+    movl $1, opt_hc
+21:
+    movl $opt_s_hcwrong, %edi
+    call strstr
+    testl %eax, %eax
+    jz 22f
+    movl $1, opt_hc
+    movl $1, opt_hcwrong
+22:
     movl $opt_s_base, %edi
     call strstr
     testl %eax, %eax
@@ -457,12 +544,15 @@ opt_s_serial:   .asciz " serial"
 opt_s_base:     .asciz " base="
 opt_s_mb:       .asciz " mb="
 opt_s_delay:    .asciz " delay="
+opt_s_hc:       .asciz " hc"
+opt_s_hcwrong:  .asciz " hcwrong"
 
     .align 8
 gdt:
     .quad 0
     .quad 0x00cf9a000000ffff     /* 0x08: flat 32-bit code */
     .quad 0x00cf92000000ffff     /* 0x10: flat 32-bit data */
+    .quad 0x00af9a000000ffff     /* 0x18: 64-bit code (hypercall mode) */
 gdt_end:
 
     .data
@@ -481,9 +571,20 @@ region_start:   .long 0
 region_end:     .long 0
 msr_armed:      .long 0
 msr_faulted:    .long 0
+opt_hc:         .long 0
+opt_hcwrong:    .long 0
+idt64_desc:
+    .word 32 * 16 - 1
+    .long idt64
 
     .bss
+    .align 4096
+pt_pml4: .skip 4096
+pt_pdpt: .skip 4096
+pt_pd:   .skip 4 * 4096                /* 4 x 512 2 MiB pages: the first 4 GiB */
+model:   .skip MODEL_PAGES / 8         /* 1 bit per page: shared */
     .align 16
+idt64:  .skip 32 * 16
 idt:    .skip 32 * 8
 stack:  .skip 8192
 stack_top:
