@@ -23,6 +23,12 @@ section() { local sec=$1; shift; begin "$sec"; "$@" >&3 2>&1; echo >&3; end "$se
 MEM_MB=128
 GUEST_RAM=$((MEM_MB << 20))
 W=/tmp/w
+# Series v2 refuses -object pagenc without an SEV guest unless x-testing=on (the payload is
+# no SEV guest); v1 has no such property. Ask the binary, so the rig works with either.
+PAGENC_OPTS=
+if qemu-system-x86_64 -object pagenc,help 2>/dev/null | grep -q x-testing; then
+    PAGENC_OPTS=,x-testing=on
+fi
 
 # qemu NAME APPEND [ARGS...]: the patched QEMU on /payload.elf, in the background.
 qemu() {
@@ -31,7 +37,7 @@ qemu() {
     rm -f $W/$name.qmp $W/$name.dbg
     qemu-system-x86_64 -accel kvm -M q35 -m $MEM_MB -smp 1 -nodefaults -display none \
         -L /fw -kernel /payload.elf -append "$append" \
-        -object pagenc,id=pe0 -qmp unix:$W/$name.qmp,server=on,wait=off \
+        -object pagenc,id=pe0$PAGENC_OPTS -qmp unix:$W/$name.qmp,server=on,wait=off \
         -debugcon file:$W/$name.dbg "$@" >$W/$name.log 2>&1 &
     echo $! > $W/$name.pid
     i=0
@@ -199,6 +205,8 @@ scenario_migrate() {
     # callback dirties): S gpa enc (page sent) / C gpa npages enc (list changed), in log order.
     section trace-churn sh -c "grep -c pagenc_ram_page $W/src.trace; sed -n \
         -e 's/.*pagenc_ram_page .* gpa=\(0x6[0-7][0-9a-f]\{5\}\) encrypted=\([01]\).*/S \1 \2/p' \
+        -e 's/.*pagenc_ram_page .* gpa=\(0x6[0-7][0-9a-f]\{5\}\) page=0.*/S \1 1/p' \
+        -e 's/.*pagenc_ram_page .* gpa=\(0x6[0-7][0-9a-f]\{5\}\) page=1.*/S \1 0/p' \
         -e 's/.*pagenc_pages_changed .* gpa=\(0x6[0-7][0-9a-f]\{5\}\) npages=\(0x[0-9a-f]*\) encrypted=\([01]\).*/C \1 \2 \3/p' \
         $W/src.trace"
     # The guest goes on converting on the destination, through the destination's pagenc.
