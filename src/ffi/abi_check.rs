@@ -151,4 +151,94 @@ mod checks {
         let write: h::pagenc_write_fn = None;
         let _: pagenc_write_fn = write;
     }
+
+    // The encrypted-page transport's part of the header (src/ffi/transport.rs).
+    #[test]
+    fn transport_layouts_match_the_header() {
+        same_layout!(
+            pagenc_simfw_config,
+            h::pagenc_simfw_config,
+            [role, policy, memory_key, platform_id]
+        );
+        same_layout!(pagenc_memslot, h::pagenc_memslot, [gpa, size, host]);
+        same_layout!(
+            pagenc_simfw_stats,
+            h::pagenc_simfw_stats,
+            [
+                send_start,
+                send_update_data,
+                send_finish,
+                send_cancel,
+                receive_start,
+                receive_update_data,
+                receive_finish,
+                length_queries,
+                failures
+            ]
+        );
+        assert_eq!(size_of::<h::pagenc_simfw_stats>(), 9 * 8);
+        same_layout!(
+            pagenc_transport_send_params,
+            h::pagenc_transport_send_params,
+            [
+                policy,
+                mode,
+                src_pdh,
+                src_pdh_len,
+                dst_pdh,
+                dst_pdh_len,
+                dst_plat_certs,
+                dst_plat_certs_len,
+                amd_certs,
+                amd_certs_len
+            ]
+        );
+        assert_eq!(
+            size_of::<pagenc_transport_result>(),
+            size_of::<h::pagenc_transport_result>()
+        );
+    }
+
+    #[test]
+    fn transport_values_match_the_header() {
+        use pagenc_transport_result as R;
+        for r in R::ALL {
+            let c = match r {
+                R::Ok => h::PAGENC_TRANSPORT_RESULT_OK,
+                R::NullArgument => h::PAGENC_TRANSPORT_RESULT_NULL_ARGUMENT,
+                R::InvalidArgument => h::PAGENC_TRANSPORT_RESULT_INVALID_ARGUMENT,
+                R::Refused => h::PAGENC_TRANSPORT_RESULT_REFUSED,
+                R::BadState => h::PAGENC_TRANSPORT_RESULT_BAD_STATE,
+                R::BadStream => h::PAGENC_TRANSPORT_RESULT_BAD_STREAM,
+                R::FirmwareError => h::PAGENC_TRANSPORT_RESULT_FIRMWARE_ERROR,
+                R::KernelError => h::PAGENC_TRANSPORT_RESULT_KERNEL_ERROR,
+                R::BufferTooSmall => h::PAGENC_TRANSPORT_RESULT_BUFFER_TOO_SMALL,
+                R::Internal => h::PAGENC_TRANSPORT_RESULT_INTERNAL,
+            };
+            assert_eq!(r as u32, c, "{r:?}");
+        }
+        assert_eq!(h::PAGENC_SEV_MODE_SEV, PAGENC_SEV_MODE_SEV);
+        assert_eq!(h::PAGENC_SEV_MODE_SEV_ES, PAGENC_SEV_MODE_SEV_ES);
+        assert_eq!(h::PAGENC_SEV_MODE_SEV_SNP, PAGENC_SEV_MODE_SEV_SNP);
+        assert_eq!(h::PAGENC_SIMFW_ROLE_SOURCE, PAGENC_SIMFW_ROLE_SOURCE);
+        assert_eq!(
+            h::PAGENC_SIMFW_ROLE_DESTINATION,
+            PAGENC_SIMFW_ROLE_DESTINATION
+        );
+        assert_eq!(h::PAGENC_SIMFW_CERT_PDH, PAGENC_SIMFW_CERT_PDH);
+        assert_eq!(h::PAGENC_SIMFW_CERT_PLATFORM, PAGENC_SIMFW_CERT_PLATFORM);
+        assert_eq!(h::PAGENC_SIMFW_CERT_AMD, PAGENC_SIMFW_CERT_AMD);
+        assert_eq!(
+            h::PAGENC_TRANSPORT_PACKET_MAX as usize,
+            PAGENC_TRANSPORT_PACKET_MAX
+        );
+        assert_eq!(
+            h::PAGENC_TRANSPORT_PACKET_PREFIX as usize,
+            PAGENC_TRANSPORT_PACKET_PREFIX
+        );
+        assert_eq!(
+            h::PAGENC_TRANSPORT_SESSION_MAX as usize,
+            PAGENC_TRANSPORT_SESSION_MAX
+        );
+    }
 }
