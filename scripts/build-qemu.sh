@@ -187,22 +187,30 @@ stage_end patch
 # --------------------------------------------------------------------------
 # Firmware the tests boot besides SeaBIOS: OVMF (UEFI, with and without SMM)
 # and the e1000e option ROM q35's default NIC needs. Debian packages fetched
-# with apt-get download and unpacked with dpkg-deb -x (not installed), pinned;
-# if Debian no longer serves a pinned version, the current candidate is used
-# and the script says so.
+# with apt-get download (scripts/lib/debian-fetch.sh) and unpacked with
+# dpkg-deb -x (not installed), pinned; if Debian no longer serves a pinned
+# version, the newest served one is used and the script says so.
 say "firmware: Debian packages ${FIRMWARE_PKGS[*]} into build/firmware"
+# shellcheck source=scripts/lib/debian-fetch.sh
+. "$ROOT/scripts/lib/debian-fetch.sh"
 FW=$B/firmware
 fw_stamp=$FW/.pagenc-firmware
-if [ -f "$fw_stamp" ] && [ "$(cat "$fw_stamp")" = "${FIRMWARE_PKGS[*]}" ]; then
+if debfetch_stamp_is "$fw_stamp" "${FIRMWARE_PKGS[*]}"; then
     say "firmware: cached"
 else
     rm -rf "$FW" && mkdir -p "$FW/debs"
+    # Private apt config (build/firmware-apt, the suites this Debian 12 machine's own apt uses):
+    # the system's lists may be stale or absent on a clean CI machine.
+    debfetch_init "$B/firmware-apt" bookworm bookworm-updates \
+        "http://deb.debian.org/debian-security bookworm-security"
+    debfetch_update || die "apt-get update for the firmware packages failed (network? see above)"
     for pkg in "${FIRMWARE_PKGS[@]}"; do
-        if ! (cd "$FW/debs" && apt-get download -qq "$pkg" >/dev/null 2>&1); then
+        ver=$(debfetch_pick "${pkg%%=*}" "${pkg#*=}")
+        [ -n "$ver" ] || die "Debian bookworm serves no package named ${pkg%%=*}"
+        [ "${pkg%%=*}=$ver" = "$pkg" ] ||
             say "firmware: $pkg is no longer served, using the current ${pkg%%=*}"
-            (cd "$FW/debs" && apt-get download -qq "${pkg%%=*}" >/dev/null 2>&1) ||
-                die "apt-get download ${pkg%%=*} failed (run apt-get update?)"
-        fi
+        debfetch_download "$FW/debs" "${pkg%%=*}=$ver" >/dev/null ||
+            die "apt-get download ${pkg%%=*}=$ver failed"
     done
     for deb in "$FW"/debs/*.deb; do dpkg-deb -x "$deb" "$FW"; done
     [ -f "$FW/usr/share/OVMF/OVMF_CODE_4M.fd" ] || die "no OVMF_CODE_4M.fd in $FW"

@@ -6,8 +6,8 @@
 # The end-to-end tests boot real OVMF (tests/e2e/test_ordinary_guests.py): what
 # an ordinary SEV guest runs before its kernel. Debian's binary package `ovmf`
 # is fetched with `apt-get download` through a private apt configuration under
-# build/ovmf-apt (the system's apt configuration and package state are not
-# touched, nothing is installed) and unpacked with `dpkg-deb -x`:
+# build/ovmf-apt (scripts/lib/debian-fetch.sh; the system's apt configuration and
+# package state are not touched, nothing is installed) and unpacked with `dpkg-deb -x`:
 #   build/ovmf/usr/share/OVMF/OVMF_CODE_4M.fd            no SMM, no secure boot
 #   build/ovmf/usr/share/OVMF/OVMF_CODE_4M.secboot.fd    SMM + secure boot (needs smm=on)
 #   build/ovmf/usr/share/OVMF/OVMF_VARS_4M.fd            the variable store template
@@ -23,6 +23,8 @@ OUT=$B/ovmf
 A=$B/ovmf-apt
 STAMP=$OUT/.pagenc-ovmf-version
 NEED=(OVMF_CODE_4M.fd OVMF_CODE_4M.secboot.fd OVMF_VARS_4M.fd)
+# shellcheck source=scripts/lib/debian-fetch.sh
+. "$ROOT/scripts/lib/debian-fetch.sh"
 
 say() { printf '[fetch-ovmf] %s\n' "$*"; }
 die() { printf '[fetch-ovmf] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -40,25 +42,14 @@ if [ -f "$STAMP" ] && have_all && [ "$(cut -d' ' -f2 "$STAMP")" = "$OVMF_DEB_VER
 fi
 
 T0=$(date +%s)
-mkdir -p "$A/etc" "$A/lists/partial" "$A/cache/archives/partial" "$A/debs"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $SUITE main" \
-    > "$A/etc/sources.list"
-touch "$A/status"
-APTOPTS=(-o "Dir::Etc::SourceList=$A/etc/sources.list"
-         -o "Dir::Etc::SourceParts=$A/etc/none"
-         -o "Dir::State::Lists=$A/lists"
-         -o "Dir::State::status=$A/status"
-         -o "Dir::Cache=$A/cache"
-         -o "APT::Sandbox::User=root")
+debfetch_init "$A" "$SUITE"
 
 say "apt: reading Debian $SUITE's package index (private apt config in build/ovmf-apt)"
-apt-get "${APTOPTS[@]}" -qq update || die "apt-get update failed (network? see above)"
+debfetch_update || die "apt-get update failed (network? see above)"
 
-version=$OVMF_DEB_VERSION
-served=$(apt-cache "${APTOPTS[@]}" madison ovmf | awk -F'|' '{gsub(/ /, "", $2); print $2}')
-[ -n "$served" ] || die "Debian $SUITE serves no package named ovmf"
-if ! grep -qxF "$OVMF_DEB_VERSION" <<<"$served"; then
-    version=$(head -1 <<<"$served")
+version=$(debfetch_pick ovmf "$OVMF_DEB_VERSION")
+[ -n "$version" ] || die "Debian $SUITE serves no package named ovmf"
+if [ "$version" != "$OVMF_DEB_VERSION" ]; then
     say "################################################################"
     say "WARNING: the pinned ovmf=$OVMF_DEB_VERSION is no longer served by"
     say "WARNING: Debian $SUITE; using the newest served version $version."
@@ -67,11 +58,7 @@ if ! grep -qxF "$OVMF_DEB_VERSION" <<<"$served"; then
 fi
 
 say "download: ovmf=$version (about 6 MB)"
-rm -f "$A/debs"/ovmf_*.deb
-(cd "$A/debs" && apt-get "${APTOPTS[@]}" -qq download "ovmf=$version") ||
-    die "apt-get download ovmf=$version failed"
-deb=$(ls "$A/debs"/ovmf_*.deb 2>/dev/null | head -1)
-[ -n "$deb" ] || die "apt-get download produced no ovmf_*.deb in $A/debs"
+deb=$(debfetch_download "$A/debs" "ovmf=$version") || die "apt-get download ovmf=$version failed"
 
 say "unpack: dpkg-deb -x $(basename "$deb") build/ovmf"
 rm -rf "$OUT"

@@ -12,7 +12,8 @@
 #                                                two L1 boots, results in build/nested/out
 #
 # Parts (all Debian packages, fetched with `apt-get download` through a private apt
-# configuration under build/nested/apt, unpacked with `dpkg-deb`; nothing is installed):
+# configuration under build/nested/apt (scripts/lib/debian-fetch.sh), unpacked with `dpkg-deb`;
+# nothing is installed):
 #   linux-image 6.1 (bookworm / bookworm-security) and 6.12 (bookworm-backports): vmlinuz and
 #   the modules irqbypass, kvm, ccp, kvm-amd; busybox-static; cpio (to pack the initramfs).
 # Versions are pinned below. Debian's mirror drops superseded kernel ABIs after security
@@ -49,45 +50,34 @@ die() { printf '[nested %6ss] ERROR: %s\n' "$(el)" "$*" >&2; exit 1; }
 cannot() { printf '[nested %6ss] NESTED-CANNOT-RUN: %s\n' "$(el)" "$*" >&2; exit 77; }
 
 # ------------------------------------------------------------------------------------------
-# apt, privately: bookworm + updates + security + backports, lists under build/nested/apt.
+# apt, privately (scripts/lib/debian-fetch.sh): bookworm + updates + security + backports, lists
+# under build/nested/apt.
+# shellcheck source=scripts/lib/debian-fetch.sh
+. "$ROOT/scripts/lib/debian-fetch.sh"
 A=$N/apt
-APTOPTS=(-o "Dir::Etc::SourceList=$A/etc/sources.list"
-         -o "Dir::Etc::SourceParts=$A/etc/none"
-         -o "Dir::State::Lists=$A/lists"
-         -o "Dir::State::status=$A/status"
-         -o "Dir::Cache=$A/cache"
-         -o "APT::Sandbox::User=root"
-         -o "Acquire::Retries=3")
 apt_ready=0
 apt_update() {
     [ $apt_ready = 1 ] && return 0
-    mkdir -p "$A/etc" "$A/lists/partial" "$A/cache/archives/partial"
-    local k="[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
-    cat > "$A/etc/sources.list" <<EOF
-deb $k http://deb.debian.org/debian bookworm main
-deb $k http://deb.debian.org/debian bookworm-updates main
-deb $k http://deb.debian.org/debian bookworm-backports main
-deb $k http://deb.debian.org/debian-security bookworm-security main
-EOF
-    touch "$A/status"
+    debfetch_init "$A" bookworm bookworm-updates bookworm-backports \
+        "http://deb.debian.org/debian-security bookworm-security"
     # A stale list (a day old) is refreshed: the pinned kernel may have been superseded.
     if [ -z "$(find "$A/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
         say "fetch: apt-get update (private lists in build/nested/apt)"
-        apt-get "${APTOPTS[@]}" -qq update || cannot "apt-get update failed: Debian's mirror is unreachable"
+        debfetch_update || cannot "apt-get update failed: Debian's mirror is unreachable"
     fi
     apt_ready=1
 }
 
-# Which version of $pkg is available from one of $suites (the first line of `apt-cache madison`
-# whose suite matches), or nothing.
+# Which version of $pkg is available from one of $suites (the newest whose suite matches, the pin
+# if it is served), or nothing.
 available() {
-    local pkg=$1 ver=$2 suites=$3 line
-    apt-cache "${APTOPTS[@]}" madison "$pkg" 2>/dev/null | while IFS='|' read -r _ v src; do
-        v=$(echo "$v" | xargs); src=$(echo "$src" | xargs)
-        for s in $suites; do
-            case "$src" in *" $s/"*|*" $s "*) [ -z "$ver" ] || [ "$v" = "$ver" ] && { echo "$v"; exit 0; } ;; esac
-        done
-    done | head -1
+    local pkg=$1 ver=$2 suites=$3
+    # shellcheck disable=SC2086
+    if [ -n "$ver" ]; then
+        debfetch_served "$pkg" $suites | grep -xF -- "$ver" | head -1 || true
+    else
+        debfetch_served "$pkg" $suites | head -1
+    fi
 }
 
 # Resolves a kernel pin to "package=version", falling back to the newest of the series (one
@@ -97,8 +87,8 @@ resolve_kernel() {
     got=$(available "$pkg" "$ver" "$suites")
     if [ -n "$got" ]; then echo "$pkg=$got"; return; fi
     # shellcheck disable=SC2046
-    best=$(apt-cache "${APTOPTS[@]}" madison $(apt-cache "${APTOPTS[@]}" pkgnames linux-image- |
-                                              grep -E "$series") 2>/dev/null |
+    best=$(apt-cache "${DEBFETCH_APTOPTS[@]}" madison \
+               $(apt-cache "${DEBFETCH_APTOPTS[@]}" pkgnames linux-image- | grep -E "$series") 2>/dev/null |
         while IFS='|' read -r p v src; do
             p=$(echo "$p" | xargs); v=$(echo "$v" | xargs); src=$(echo "$src" | xargs)
             for s in $suites; do
@@ -114,16 +104,17 @@ resolve_kernel() {
     echo "$best"
 }
 
-# Downloads package=version into build/nested/debs (cached by file name; apt writes an epoch's
-# colon as %3a).
+# Downloads package=version into build/nested/debs (cached by file name).
 download() {
     local spec=$1 pkg=${1%%=*} ver=${1#*=} f
+    # apt writes an epoch's colon as %3a.
     f=$N/debs/${pkg}_${ver/:/%3a}_amd64.deb
     if [ ! -f "$f" ]; then
         apt_update
-        (cd "$N/debs" && apt-get "${APTOPTS[@]}" -qq download "$spec" >&2) ||
+        f=$(debfetch_download "$N/debs" "$spec") || {
+            [ $? = 2 ] && die "apt-get download $spec did not produce ${spec%%=*}_*.deb"
             cannot "apt-get download $spec failed"
-        [ -f "$f" ] || die "apt-get download $spec did not produce $f"
+        }
     fi
     echo "$f"
 }
@@ -159,7 +150,7 @@ cmd_fetch() {
     local k61 k612 bb cp
     local pins="$K61_PKG=$K61_VER $K612_PKG=$K612_VER $BUSYBOX_VER $CPIO_VER"
     if [ -f "$N/k-6.1/.done" ] && [ -f "$N/k-6.12/.done" ] && [ -x "$N/busybox" ] && [ -x "$N/cpio" ] &&
-       [ "$(cat "$N/pins" 2>/dev/null)" = "$pins" ] && [ -z "${NESTED_REFETCH:-}" ]; then
+       debfetch_stamp_is "$N/pins" "$pins" && [ -z "${NESTED_REFETCH:-}" ]; then
         say "fetch: cached: $(cat "$N/k-6.1/.done") $(cat "$N/k-6.12/.done")"
         return
     fi
