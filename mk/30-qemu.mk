@@ -3,7 +3,7 @@
 PYTHON ?= python3
 CHECK_TARGETS += check-qemu
 
-.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject check-qemu-series
+.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject check-lib-symbols check-qemu-series
 qemu:
 	bash scripts/build-qemu.sh --no-deps
 
@@ -22,7 +22,12 @@ check-meson-subproject:
 	ln -s $(CURDIR) build/meson-subproject/subprojects/pagenc
 	cd build/meson-subproject && env -u PKG_CONFIG_PATH meson setup b >/dev/null && ninja -C b >/dev/null && ./b/t
 
-check-qemu: qemu check-qemu-patches check-meson-subproject
+# The installed libpagenc.a exports only pagenc_* (scripts/localize-staticlib.sh):
+# nm, a link beside a second Rust runtime, and the unprocessed archive as negative control.
+check-lib-symbols:
+	sh tests/qemu/lib-symbols/check.sh
+
+check-qemu: qemu check-qemu-patches check-meson-subproject check-lib-symbols
 	PAGENC_REQUIRE_QEMU=1 $(PYTHON) -m pytest -q -ra tests/qemu $(QEMU_TEST_ARGS)
 
 # Slow (a full QEMU build, then one incremental build per patch): every patch builds on its own.
