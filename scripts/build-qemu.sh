@@ -25,8 +25,8 @@
 # The firmware the tests boot besides SeaBIOS (OVMF, the e1000e option ROM) is
 # unpacked from pinned Debian packages into build/firmware.
 #
-# pagenc is built with cargo and installed with meson (install mode of
-# /work/main/meson.build) into build/pagenc-prefix; QEMU finds it through
+# pagenc is built with cargo and installed with meson (install mode of this
+# checkout's meson.build) into build/pagenc-prefix; QEMU finds it through
 # pkg-config (PKG_CONFIG_PATH).
 set -euo pipefail
 
