@@ -7,8 +7,8 @@ and real OVMF firmware (which programs PAM, PCI BARs and, with SMM, TSEG).
 These tests boot such guests, share pages, migrate over a socket and compare
 the lists on both sides.
 
-Tests that fail on series v1 carry `xfail(strict=True, raises=AssertionError)`
-with the reason; series v2 turns each XPASS into a pass by deleting the marker.
+The tests that failed on series v1 carried `xfail(strict=True, raises=AssertionError)`
+until series v2 fixed them; `xfail()` stays for a finding a later series may reopen.
 
 OVMF comes from Debian's `ovmf` package, fetched by scripts/fetch-ovmf.sh into
 build/ovmf (make check-e2e runs it). Without it the OVMF tests skip, or fail
