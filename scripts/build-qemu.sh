@@ -43,6 +43,14 @@ PATCHES=$ROOT/qemu-patches
 DEVICES=pagenc-q35
 FIRMWARE_PKGS=(ovmf=2022.11-6+deb12u2 ipxe-qemu=1.0.0+git-20190125.36a4c85-5.1)
 export PATH="$HOME/.cargo/bin:$PATH"
+# ccache's compiler links (Debian's ccache package) let a second QEMU configuration
+# in the same run, or another checkout, reuse every object that did not change.
+# base_dir makes the cache key independent of where the checkout lives.
+if [ -d /usr/lib/ccache ] && [ -z "${PAGENC_NO_CCACHE:-}" ]; then
+    export PATH="/usr/lib/ccache:$PATH"
+    export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+    export CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-1}
+fi
 
 T0=$(date +%s.%N)
 STAGE_T=$T0

@@ -16,6 +16,7 @@ APT_PKGS=(
     device-tree-compiler    # QEMU 10.2 configure: dtc (Debian strips the .dtb files)
     seabios                 # BIOS at run time (the Debian QEMU tarball has no firmware)
     binutils                # guest payload (as/ld)
+    ccache                  # QEMU builds: a second configuration (or worktree) reuses objects
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do
