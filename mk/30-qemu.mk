@@ -3,7 +3,8 @@
 PYTHON ?= python3
 CHECK_TARGETS += check-qemu
 
-.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject check-lib-symbols check-qemu-series
+.PHONY: qemu check-qemu check-qemu-patches check-meson-subproject check-lib-symbols check-qemu-series \
+	check-qemu-qtest
 qemu:
 	bash scripts/build-qemu.sh --no-deps
 
@@ -27,7 +28,21 @@ check-meson-subproject:
 check-lib-symbols:
 	sh tests/qemu/lib-symbols/check.sh
 
-check-qemu: qemu check-qemu-patches check-meson-subproject check-lib-symbols
+# The series' in-tree qtest (tests/qtest/pagenc-test.c): only that binary is built
+# (with libqtest and libqos, not QEMU's other qtests), then run against the patched
+# binary. A qtest cannot pass -L: SeaBIOS (Debian's seabios package) is linked
+# into the build tree's data directory (qemu-bundle), where the binary looks.
+QEMU_BLD := build/qemu-build
+check-qemu-qtest: qemu
+	@echo "qtest: ninja tests/qtest/pagenc-test (log: $(QEMU_BLD)/qtest-build.log)"
+	@ninja -C $(QEMU_BLD) -j2 tests/qtest/pagenc-test > $(QEMU_BLD)/qtest-build.log 2>&1 || \
+	    { tail -30 $(QEMU_BLD)/qtest-build.log; exit 1; }
+	@mkdir -p $(QEMU_BLD)/qemu-bundle/usr/local/share/qemu
+	@ln -sf /usr/share/seabios/bios-256k.bin $(QEMU_BLD)/qemu-bundle/usr/local/share/qemu/
+	cd $(QEMU_BLD) && QTEST_QEMU_BINARY=./qemu-system-x86_64 timeout 600 \
+	    tests/qtest/pagenc-test --tap -k
+
+check-qemu: qemu check-qemu-patches check-meson-subproject check-lib-symbols check-qemu-qtest
 	PAGENC_REQUIRE_QEMU=1 $(PYTHON) -m pytest -q -ra tests/qemu $(QEMU_TEST_ARGS)
 
 # Slow (a full QEMU build, then one incremental build per patch): every patch builds on its own.
