@@ -485,15 +485,22 @@ def test_guest_msr_without_object_is_unknown(vms, workdir):
 
 
 @pytest.mark.skipif(ACCEL != "kvm", reason="the MSR filter exists only with -accel kvm")
-def test_guest_cpuid_off(vms, workdir):
+@pytest.mark.parametrize("args", [
+    ["-object", "pagenc,id=pe0,cpuid=off,x-testing=on"],
+    # the CPU model turns one bit off (patch 35): the guest's CPUID follows it
+    ["-object", "pagenc,id=pe0,x-testing=on", "-cpu", "qemu64,-kvm-migration-control"],
+])
+def test_guest_cpuid_off(vms, workdir, args):
     rom = workdir / "msr.rom"
     rom.write_bytes(msr_option_rom())
     out = workdir / "debugcon.txt"
-    q = vms("guest", ["-object", "pagenc,id=pe0,cpuid=off,x-testing=on", "-option-rom", str(rom),
-                      "-chardev", f"file,id=dbg,path={out}",
-                      "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
+    q = vms("guest", args + ["-option-rom", str(rom),
+                             "-chardev", f"file,id=dbg,path={out}",
+                             "-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
     q.wait_for(lambda: out.exists() and len(out.read_bytes()) >= 3, "the guest's output", 30)
     assert out.read_bytes() == b"cGR"             # bits hidden, the MSR still handled
+    q.kill()
+    assert "the guest will never report that it is ready" in q.stderr()
 
 
 def test_refused_stream_leaves_source_running(vms, workdir):
