@@ -1,0 +1,306 @@
+//! W3: the migration scan, QEMU's RAM loop asking about every dirty page.
+
+#![allow(unused_imports)]
+use crate::prelude::*;
+
+/// The dirty pages of one pass, as QEMU's per-RAMBlock dirty bitmaps.
+pub(crate) struct Dirty {
+    pub(crate) blocks: Vec<(u64, Vec<u64>)>,
+    pub(crate) count: u64,
+}
+
+pub(crate) fn make_dirty(layout: &Layout, percent: u64, seed: u64) -> Dirty {
+    let mut rng = Rng(seed);
+    let mut count = 0;
+    let blocks = layout
+        .ranges()
+        .iter()
+        .map(|r| {
+            let n = r.len();
+            let mut words = vec![0u64; n.div_ceil(64) as usize];
+            for (w, word) in words.iter_mut().enumerate() {
+                let valid = (n - w as u64 * 64).min(64);
+                let all = if valid == 64 { !0 } else { (1u64 << valid) - 1 };
+                *word = match percent {
+                    100 => all,
+                    p => {
+                        let mut x = 0u64;
+                        for b in 0..valid {
+                            if rng.below(100) < p {
+                                x |= 1 << b;
+                            }
+                        }
+                        x
+                    }
+                };
+                count += word.count_ones() as u64;
+            }
+            (r.start, words)
+        })
+        .collect();
+    Dirty { blocks, count }
+}
+
+/// QEMU's RAM loop: every dirty page of every RAMBlock in ascending order (find_next_bit), with
+/// one query per page. Returns (shared pages, sum of shared gfns) for the cross-check.
+#[inline(always)]
+pub(crate) fn scan<F: FnMut(usize, u64) -> bool>(d: &Dirty, mut q: F) -> (u64, u64) {
+    let (mut cnt, mut sum) = (0u64, 0u64);
+    for (bi, (start, words)) in d.blocks.iter().enumerate() {
+        for (wi, &w) in words.iter().enumerate() {
+            let mut x = w;
+            while x != 0 {
+                let gfn = start + wi as u64 * 64 + x.trailing_zeros() as u64;
+                x &= x - 1;
+                if q(bi, gfn) {
+                    cnt += 1;
+                    sum = sum.wrapping_add(gfn);
+                }
+            }
+        }
+    }
+    (cnt, sum)
+}
+
+/// The structures of one W3 configuration, built from the same calls.
+pub(crate) struct Built {
+    pub(crate) p: Pagenc,
+    pub(crate) b0: B0,
+    pub(crate) b1: Option<B1>,
+    pub(crate) rm: Option<RangeMapSet>,
+    pub(crate) b2: Option<B2>,
+}
+
+pub(crate) fn b0_query(b0: &B0, bi: usize, gfn: u64) -> bool {
+    let (s, _, w) = &b0.blocks[bi];
+    let i = gfn - s;
+    w[(i / 64) as usize] >> (i % 64) & 1 != 0
+}
+
+pub(crate) fn w3(rep: &mut Report) {
+    let pages = if rep.quick { GIB } else { 16 * GIB };
+    let layout = layout_for(pages);
+    let lists: Vec<(String, Vec<Op>)> = {
+        let mut v: Vec<(String, Vec<Op>)> = [10u64, 300, 3_000, 10_000, 100_000]
+            .iter()
+            .filter(|&&n| !rep.quick || n <= 10_000)
+            .map(|&n| {
+                (
+                    n.to_string(),
+                    random_ranges(&layout, layout.pages(), n, 256, n),
+                )
+            })
+            .collect();
+        // Hostile: every other page shared.
+        let hostile: Vec<Op> = hostile_ops(&layout, "alternate", 0).collect();
+        v.push((format!("hostile {}", hostile.len()), hostile));
+        v
+    };
+    let dirties: Vec<(u64, Dirty)> = [100u64, 10, 1]
+        .iter()
+        .map(|&p| (p, make_dirty(&layout, p, p)))
+        .collect();
+    let mut rows = Vec::new();
+    // Per list: (name, worst cursor/B0 ratio, worst ns beyond the loop) over the dirty fractions.
+    let mut per_list: Vec<(String, f64, f64)> = Vec::new();
+    let mut seek_1pct: f64 = 0.0;
+    let mut b1_over: Vec<f64> = Vec::new();
+    for (name, ops) in &lists {
+        let n_calls = ops.len() as u64;
+        let mut b = Built {
+            p: Pagenc::new(layout.clone()),
+            b0: B0::new(&layout),
+            b1: None,
+            rm: None,
+            b2: None,
+        };
+        build(&mut b.p, &layout, ops);
+        build(&mut b.b0, &layout, ops);
+        if n_calls <= 3_000_000 {
+            let mut b1 = B1::default();
+            build(&mut b1, &layout, ops);
+            b.b1 = Some(b1);
+            let mut rm = RangeMapSet::default();
+            build(&mut rm, &layout, ops);
+            b.rm = Some(rm);
+        }
+        if n_calls <= 10_000 {
+            let mut b2 = B2::default();
+            build(&mut b2, &layout, ops);
+            b.b2 = Some(b2);
+        }
+        let pr = b.p.ranges();
+        let nranges = pr.len();
+        {
+            let mut sets = vec![("pagenc", pr.clone()), ("B0", b.b0.ranges())];
+            if let Some(x) = &b.b1 {
+                sets.push(("B1", x.ranges()));
+            }
+            if let Some(x) = &b.rm {
+                sets.push(("rangemap", x.ranges()));
+            }
+            if let Some(x) = &b.b2 {
+                sets.push(("B2", x.ranges()));
+            }
+            rep.same_ranges(&format!("W3 list {name}"), &sets);
+        }
+        // The run iterator: one pass over all RAM, O(ranges).
+        let (runs_t, (runs_n, runs_shared)) = best(3, || {
+            let (mut n, mut sh) = (0u64, 0u64);
+            for r in layout.ranges() {
+                for run in b.p.t.runs(*r, false) {
+                    let run = run.expect("tracker usable");
+                    n += 1;
+                    if run.state == PageState::Shared {
+                        sh += run.range.len();
+                    }
+                }
+            }
+            (n, sh)
+        });
+        let shared_total: u64 = pr.iter().map(|r| r.1 - r.0).sum();
+        rep.check(runs_shared == shared_total, || {
+            format!(
+                "W3 list {name}: runs() saw {runs_shared} shared pages, the map has {shared_total}"
+            )
+        });
+        for (pct, d) in &dirties {
+            let q = d.count as f64;
+            let (null_t, _) = best(3, || scan(d, |_, g| g == black_box(u64::MAX)));
+            let (p_t, p_r) = best(3, || {
+                let mut c = CursorState::new();
+                scan(d, |_, g| pagenc_cursor_shared(&mut c, &b.p.t, g))
+            });
+            let (b0_t, b0_r) = best(3, || scan(d, |bi, g| b0_query(&b.b0, bi, g)));
+            rep.check(p_r == b0_r, || {
+                format!("W3 {name} {pct}%: pagenc cursor {p_r:?} vs B0 {b0_r:?}")
+            });
+            let (b1_t, rm_t) = match (&b.b1, &b.rm) {
+                (Some(b1), Some(rm)) => {
+                    let (b1_t, b1_r) = best(1, || scan(d, |_, g| b1.get(g)));
+                    let (rm_t, rm_r) = best(1, || scan(d, |_, g| rm.get(g)));
+                    rep.check(b1_r == b0_r && rm_r == b0_r, || {
+                        format!("W3 {name} {pct}%: B1 {b1_r:?} / rangemap {rm_r:?} vs B0 {b0_r:?}")
+                    });
+                    (b1_t * 1e9 / q, rm_t * 1e9 / q)
+                }
+                _ => (f64::NAN, f64::NAN),
+            };
+            // B2 is O(ranges) per page: time it on a sample of the pass (every k-th dirty page).
+            let b2_ns = match &b.b2 {
+                Some(b2) => {
+                    let k = ((d.count as usize * nranges.max(1)) / 20_000_000).max(1);
+                    let mut sample = Vec::new();
+                    let mut i = 0usize;
+                    scan(d, |bi, g| {
+                        if i % k == 0 {
+                            sample.push((bi, g));
+                        }
+                        i += 1;
+                        false
+                    });
+                    let t = cpu_time();
+                    let mut hits = 0u64;
+                    let mut bad = 0u64;
+                    for &(bi, g) in &sample {
+                        let v = b2.get(g);
+                        hits += v as u64;
+                        bad += (v != b0_query(&b.b0, bi, g)) as u64;
+                    }
+                    let ns = (cpu_time() - t) * 1e9 / sample.len().max(1) as f64;
+                    black_box(hits);
+                    rep.check(bad == 0, || {
+                        format!("W3 {name} {pct}%: B2 disagrees with B0 on {bad} sampled pages")
+                    });
+                    ns
+                }
+                None => f64::NAN,
+            };
+            let (pn, b0n, nulln) = (p_t * 1e9 / q, b0_t * 1e9 / q, null_t * 1e9 / q);
+            let ratio = pn / b0n;
+            // The absolute budget is for the lookup itself, on top of QEMU's own loop.
+            let net = (pn - nulln).max(0.0);
+            match per_list.last_mut() {
+                Some(l) if l.0 == *name => {
+                    l.1 = l.1.max(ratio);
+                    l.2 = l.2.max(net);
+                }
+                _ => per_list.push((name.clone(), ratio, net)),
+            }
+            if !name.starts_with("hostile") && *pct == 1 {
+                seek_1pct = seek_1pct.max(pn);
+            }
+            if b1_t.is_finite() {
+                b1_over.push(b1_t / pn);
+            }
+            if name == "10000" {
+                rep.goal(
+                    "W3-1e4",
+                    &format!("B2 / pagenc per page at 1e4 ranges, {pct}% dirty"),
+                    b2_ns / pn,
+                    100.0,
+                    true,
+                );
+            }
+            rows.push(vec![
+                name.clone(),
+                nranges.to_string(),
+                format!("{pct}%"),
+                d.count.to_string(),
+                f(nulln),
+                f(pn),
+                f(b0n),
+                f(ratio),
+                f(b1_t),
+                f(rm_t),
+                f(b2_ns),
+                f(runs_t * 1e6),
+                runs_n.to_string(),
+            ]);
+        }
+    }
+    rep.table(
+        "w3",
+        &format!(
+            "W3 migration scan of a {} guest (ns per queried page, loop included; 'loop' = the dirty-bitmap walk alone; runs_us = runs() over all RAM)",
+            fmt_gib(pages)
+        ),
+        &[
+            "list", "ranges", "dirty", "pages", "loop", "pagenc", "B0", "pagenc/B0", "B1",
+            "rangemap", "B2(sampled)", "runs_us", "runs",
+        ],
+        &rows,
+    );
+    for (name, ratio, net) in &per_list {
+        rep.goal(
+            "W3",
+            &format!("cursor / B0 per page, {name} ranges (worst dirty fraction)"),
+            *ratio,
+            1.5,
+            false,
+        );
+        rep.goal(
+            "W3",
+            &format!("cursor ns per page beyond the loop, {name} ranges (worst dirty fraction)"),
+            *net,
+            3.2,
+            false,
+        );
+    }
+    rep.goal(
+        "W3",
+        "sparse 1% seek, ns per queried page (worst typical; research doc)",
+        seek_1pct,
+        20.0,
+        false,
+    );
+    if let Some(m) = b1_over.iter().cloned().reduce(f64::min) {
+        rep.goal(
+            "W3",
+            "B1 point lookup / cursor (expected ~10x; min over configs; informational)",
+            m,
+            10.0,
+            true,
+        );
+    }
+}
