@@ -166,6 +166,7 @@ pub(crate) fn w1(rep: &mut Report) {
     let mut all: Vec<u64> = Vec::new();
     let mut headline: Option<(f64, f64)> = None; // (trace µs, B/range) at 16 GiB, 8 vCPU, 240
     let mut worst_vs_b1 = 0.0f64;
+    let mut worst_real_vs_b1 = 0.0f64;
     let mut worst_bpr = 0.0f64;
     for &pages in guests {
         for &v in vcpu_list {
@@ -173,11 +174,13 @@ pub(crate) fn w1(rep: &mut Report) {
                 let (ops, sw) = w1_trace(pages, v, possible, pages ^ v ^ possible);
                 let layout = layout_for(pages);
                 let mut s = Vec::with_capacity(ops.len());
-                let (mut p, pb) = measure_bytes(|| Pagenc::new(layout.clone()));
-                let ((), pb2) = measure_bytes(|| {
+                // Each structure is returned by the closure, so it is still allocated when counted.
+                let (pm, pbytes, preal) = measure_real(|| {
+                    let mut p = Pagenc::new(layout.clone());
                     run_ops(&mut p, &layout, &ops, &mut Vec::new());
+                    p
                 });
-                let pbytes = pb + pb2;
+                drop(pm);
                 // Timed replay on a fresh tracker (the first one warmed the caches).
                 let mut p = Pagenc::new(layout.clone());
                 let pt = run_ops(&mut p, &layout, &ops, &mut s);
@@ -190,10 +193,12 @@ pub(crate) fn w1(rep: &mut Report) {
                 let (mut b0, b0b) = measure_bytes(|| B0::new(&layout));
                 let b0t = run_ops(&mut b0, &layout, &ops, &mut sink);
                 sink.clear();
-                let (mut b1, _) = measure_bytes(B1::default);
-                let ((), b1b) = measure_bytes(|| {
+                let (b1m, b1b, b1real) = measure_real(|| {
+                    let mut b1 = B1::default();
                     run_ops(&mut b1, &layout, &ops, &mut Vec::new());
+                    b1
                 });
+                drop(b1m);
                 let mut b1 = B1::default();
                 let b1t = run_ops(&mut b1, &layout, &ops, &mut sink);
                 sink.clear();
@@ -224,6 +229,7 @@ pub(crate) fn w1(rep: &mut Report) {
                     headline = Some((pt * 1e6, bpr));
                 }
                 worst_vs_b1 = worst_vs_b1.max(pbytes as f64 / b1b.max(1) as f64);
+                worst_real_vs_b1 = worst_real_vs_b1.max(preal as f64 / b1real.max(1) as f64);
                 worst_bpr = worst_bpr.max(bpr);
                 let _ = b2b;
                 rows.push(vec![
@@ -241,8 +247,11 @@ pub(crate) fn w1(rep: &mut Report) {
                     f(rmt * 1e6),
                     f(b2t * 1e6),
                     pbytes.to_string(),
+                    preal.to_string(),
                     f(bpr),
                     b1b.to_string(),
+                    b1real.to_string(),
+                    f(preal as f64 / b1real.max(1) as f64),
                     b0b.to_string(),
                 ]);
             }
@@ -253,7 +262,8 @@ pub(crate) fn w1(rep: &mut Report) {
         "W1 boot replay (OVMF + Linux + kexec). Latency = pagenc handle_hypercall per call, ns; trace = whole replay, µs",
         &[
             "guest", "vcpus", "possible", "calls", "ranges", "p50", "p99", "max", "pagenc_us",
-            "B0_us", "B1_us", "rangemap_us", "B2_us", "pagenc_B", "B/range", "B1_B", "B0_B",
+            "B0_us", "B1_us", "rangemap_us", "B2_us", "pagenc_B", "pagenc_real", "B/range", "B1_B",
+            "B1_real", "real/B1_real", "B0_B",
         ],
         &rows,
     );
@@ -313,8 +323,16 @@ pub(crate) fn w1(rep: &mut Report) {
     );
     rep.goal(
         "W1",
-        "pagenc bytes / B1 bytes (worst config)",
+        "pagenc bytes / B1 bytes, requested (worst config)",
         worst_vs_b1,
+        1.0,
+        false,
+    );
+    // Issue 12: judged on what malloc really spends (malloc_usable_size + chunk header).
+    rep.goal(
+        "W1",
+        "pagenc / B1 real footprint (malloc_usable_size; worst of all configs)",
+        worst_real_vs_b1,
         1.0,
         false,
     );
