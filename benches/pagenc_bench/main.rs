@@ -18,6 +18,7 @@ mod baselines;
 mod bexit;
 mod common;
 mod kvmexit;
+mod qemu_path;
 mod report;
 mod scaling;
 mod stall;
@@ -33,6 +34,7 @@ mod w6;
 mod prelude {
     pub(crate) use std::fmt::Write as _;
     pub(crate) use std::hint::black_box;
+    pub(crate) use std::path::PathBuf;
     pub(crate) use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
     pub(crate) use std::sync::Mutex;
     pub(crate) use std::time::{Duration, Instant};
@@ -48,8 +50,6 @@ mod prelude {
     pub(crate) use crate::common::*;
     pub(crate) use crate::report::*;
 }
-
-use std::path::PathBuf;
 
 use prelude::*;
 use w2::churn;

@@ -3,6 +3,7 @@
 #![allow(unused_imports)]
 use crate::baselines::RunCache;
 use crate::prelude::*;
+use crate::qemu_path;
 
 /// The dirty pages of one pass, as QEMU's per-RAMBlock dirty bitmaps.
 pub(crate) struct Dirty {
@@ -107,8 +108,17 @@ pub(crate) fn w3(rep: &mut Report) {
     // ns per page, pagenc's marginal / the best baseline's marginal).
     let mut per_list: Vec<(String, f64, f64, f64)> = Vec::new();
     let mut seek_1pct: f64 = 0.0;
+    // The series' per-page path in C (qemu_path.rs): compiled once, run per list.
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&out_dir);
+    let qexe = qemu_path::compile(&out_dir);
+    let mut qrows: Vec<Vec<String>> = Vec::new();
+    // Per list, worst over the dirty fractions: the series' marginal ns per page (C).
+    let mut q_per_list: Vec<(String, f64)> = Vec::new();
     for (name, ops) in &lists {
         let n_calls = ops.len() as u64;
+        // (dirty %, shared pages B0 found, pagenc's marginal ns in Rust), for the C rows.
+        let mut rust_seen: Vec<(u64, u64, f64)> = Vec::new();
         let mut b = Built {
             p: Pagenc::new(layout.clone()),
             b0: B0::new(&layout),
@@ -246,6 +256,7 @@ pub(crate) fn w3(rep: &mut Report) {
             // a bit test's loop can cost several bit tests.
             let marginal = |x: f64| (x - nulln).max(0.0);
             let net = marginal(pn);
+            rust_seen.push((*pct, b0_r.0, net));
             let best_base = [marginal(b0n), marginal(b1c_t), marginal(rmc_t)]
                 .into_iter()
                 .filter(|x| x.is_finite())
@@ -294,6 +305,55 @@ pub(crate) fn w3(rep: &mut Report) {
                 f(runs_t * 1e6),
                 runs_n.to_string(),
             ]);
+        }
+        match &qexe {
+            Ok(exe) => match qemu_path::measure(exe, &layout, ops, &dirties, 3, "w3") {
+                Ok(q) => {
+                    for r in &q {
+                        let (b0_shared, rust_net) = rust_seen
+                            .iter()
+                            .find(|x| x.0 == r.pct)
+                            .map_or((u64::MAX, f64::NAN), |x| (x.1, x.2));
+                        rep.check(r.shared == b0_shared, || {
+                            format!(
+                                "W3 {name} {}%: the series' path in C found {} shared pages, \
+                                 B0 {b0_shared}",
+                                r.pct, r.shared
+                            )
+                        });
+                        let net = (r.qemu_ns - r.loop_ns).max(0.0);
+                        match q_per_list.last_mut() {
+                            Some(l) if l.0 == *name => l.1 = l.1.max(net),
+                            _ => q_per_list.push((name.clone(), net)),
+                        }
+                        qrows.push(vec![
+                            name.clone(),
+                            nranges.to_string(),
+                            format!("{}%", r.pct),
+                            r.pages.to_string(),
+                            f(r.loop_ns),
+                            f(r.b0_ns),
+                            f(r.qemu_ns),
+                            f(r.abi_ns),
+                            f((r.b0_ns - r.loop_ns).max(0.0)),
+                            f(net),
+                            f((r.abi_ns - r.loop_ns).max(0.0)),
+                            f(rust_net),
+                            f(r.qemu_ns / r.b0_ns),
+                        ]);
+                    }
+                }
+                Err(e) => rep.check(false, || format!("W3 {name}: the series' path in C: {e}")),
+            },
+            Err(e) => {
+                if qrows.is_empty() {
+                    // No C compiler: said, not failed. A compiler that rejects the program is a
+                    // defect of the bench.
+                    rep.check(!e.starts_with("cc failed"), || format!("W3 QEMU path: {e}"));
+                    println!("   W3 QEMU path (C) not measured: {e}");
+                    qrows.push(vec![format!("not measured: {e}")]);
+                }
+            }
         }
     }
     rep.table(
@@ -345,4 +405,29 @@ pub(crate) fn w3(rep: &mut Report) {
         20.0,
         false,
     );
+    if qrows.first().is_some_and(|r| r.len() > 1) {
+        rep.table(
+            "w3_qemu",
+            "W3 as QEMU runs it: the series' path (backends/pagenc.c's run cache, pagenc_cursor_query through the C ABI when a run ends) in C against libpagenc.a, ns per queried page, one process (C_loop = the walk alone; +x = x - C_loop; C_abi = pagenc_cursor_is_encrypted on every page, no series cache; +rust = pagenc's marginal in the Rust table above)",
+            &[
+                "list", "ranges", "dirty", "pages", "C_loop", "C_B0", "C_qemu", "C_abi", "+B0",
+                "+qemu", "+abi", "+rust", "qemu/B0",
+            ],
+            &qrows,
+        );
+        for (name, net) in &q_per_list {
+            rep.goal(
+                "W3-qemu",
+                &format!(
+                    "QEMU path marginal ns per page (C, series' cache), {name} ranges (worst \
+                     dirty fraction; 1 % of QEMU's 160 ns)"
+                ),
+                *net,
+                1.6,
+                false,
+            );
+        }
+    } else if let Some(r) = qrows.first() {
+        println!("   {}", r[0]);
+    }
 }
