@@ -76,7 +76,8 @@ pub enum Chunk {
     One(Span),
     /// No page shared: only transiently, after an update (the map drops empty chunks).
     Empty,
-    /// Shared runs, sorted, disjoint and never adjacent; at least two once normalized.
+    /// Shared runs, sorted, disjoint and never adjacent (a chunk that had two keeps its vector
+    /// when down to one).
     Runs(Arc<Vec<Span>>),
     /// One bit per page, 1 = shared.
     Bitmap(Arc<Bitmap>),
@@ -379,8 +380,11 @@ impl Chunk {
                     if end < CHUNK_PAGES {
                         spans.push(Span::new(end, CHUNK_PAGES));
                     }
-                    *self = Chunk::Runs(Arc::new(spans));
-                    self.normalize();
+                    *self = match spans[..] {
+                        [] => Chunk::Empty,
+                        [one] => Chunk::One(one),
+                        _ => Chunk::Runs(Arc::new(spans)),
+                    };
                 }
                 return;
             }
@@ -424,8 +428,11 @@ impl Chunk {
         match self {
             Chunk::Full | Chunk::One(_) | Chunk::Empty => {}
             Chunk::Runs(r) => {
-                if r.len() == 1 {
-                    *self = Chunk::with_range(r[0].start(), r[0].end());
+                // A run vector down to one run stays one (unless full): going back to `One`
+                // would free it and a coherent buffer coming back would allocate it again,
+                // allocator traffic on every alloc/free pair (W2). Only new chunks are `One`.
+                if r.len() == 1 && r[0].start() == 0 && r[0].end() == CHUNK_PAGES {
+                    *self = Chunk::Full;
                 } else if r.is_empty() {
                     *self = Chunk::Empty;
                 } else if r.len() > RUNS_MAX {
@@ -464,8 +471,11 @@ impl Chunk {
                 Ok(())
             }
             Chunk::Runs(r) => {
-                if r.len() < 2 || r.len() > RUNS_MAX {
+                if r.is_empty() || r.len() > RUNS_MAX {
                     return Err(format!("runs chunk with {} runs", r.len()));
+                }
+                if r.len() == 1 && r[0].start() == 0 && r[0].end() == CHUNK_PAGES {
+                    return Err("full chunk stored as runs".into());
                 }
                 for w in r.windows(2) {
                     if w[0].end() >= w[1].start() {
@@ -494,8 +504,12 @@ impl Chunk {
         }
     }
 
-    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader).
+    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader); a
+    /// single run is stored inline.
     pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
+        if let [(a, b)] = runs {
+            return Chunk::with_range(*a, *b);
+        }
         let mut chunk = Chunk::Runs(Arc::new(
             runs.iter().map(|&(a, b)| Span::new(a, b)).collect(),
         ));
