@@ -248,6 +248,45 @@ impl Store for B1 {
     }
 }
 
+impl B1 {
+    /// The run of equal state holding `gfn`, as `(start, end, shared)`; an encrypted run is
+    /// reported from `gfn` (a forward cursor needs no more). Two O(log n) lookups.
+    pub fn run_at(&self, gfn: u64) -> (u64, u64, bool) {
+        let prev = self.m.range(..=gfn).next_back();
+        if let Some((&s, &e)) = prev {
+            if e > gfn {
+                return (s, e, true);
+            }
+        }
+        let next = self.m.range(gfn + 1..).next().map_or(u64::MAX, |(&s, _)| s);
+        (gfn, next, false)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A cursor for the B-trees (issue 12: baselines at their best)
+
+/// What a careful engineer gives a B-tree range set for QEMU's ascending scan: the run the last
+/// answer came from, and a lookup only when a query leaves it. pagenc's cursor does the same
+/// (plus a lock and a generation check, since its map changes under it); B1 and rangemap are
+/// scanned here without either, which flatters them.
+#[derive(Default)]
+pub struct RunCache {
+    start: u64,
+    end: u64,
+    shared: bool,
+}
+
+impl RunCache {
+    #[inline(always)]
+    pub fn get(&mut self, gfn: u64, run_at: impl FnOnce(u64) -> (u64, u64, bool)) -> bool {
+        if gfn < self.start || gfn >= self.end {
+            (self.start, self.end, self.shared) = run_at(gfn);
+        }
+        self.shared
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The rangemap crate
 
@@ -255,6 +294,17 @@ impl Store for B1 {
 #[derive(Default)]
 pub struct RangeMapSet {
     pub s: rangemap::RangeSet<u64>,
+}
+
+impl RangeMapSet {
+    /// As [`B1::run_at`], with one lookup: the first range ending after `gfn`.
+    pub fn run_at(&self, gfn: u64) -> (u64, u64, bool) {
+        match self.s.overlapping(gfn..u64::MAX).next() {
+            Some(r) if r.start <= gfn => (r.start, r.end, true),
+            Some(r) => (gfn, r.start, false),
+            None => (gfn, u64::MAX, false),
+        }
+    }
 }
 
 impl Store for RangeMapSet {

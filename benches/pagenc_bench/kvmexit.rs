@@ -202,10 +202,10 @@ pub fn measure(kind: ExitKind, iters: usize, budget_s: f64) -> Result<ExitSample
     let t0 = std::time::Instant::now();
     let mut result = Ok(());
     for i in 0..iters {
-        let a = crate::rdtsc();
+        let a = crate::common::rdtsc();
         // SAFETY: KVM_RUN on our vCPU fd; kvm_run is mapped above.
         let r = unsafe { ioctls::run(vcpu.as_raw_fd(), 0) };
-        let b = crate::rdtsc();
+        let b = crate::common::rdtsc();
         if let Err(e) = r {
             result = Err(err("KVM_RUN", e));
             break;

@@ -18,7 +18,7 @@ use pagenc::core::{PageMapBuilder, PageRange};
 use pagenc::stream;
 use pagenc::{Layout, RamRange, Tracker};
 
-use super::{f, Report, GIB};
+use crate::prelude::*;
 
 /// What the vCPU thread saw during one operation.
 #[allow(dead_code)]

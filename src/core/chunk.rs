@@ -2,6 +2,9 @@
 //! address space), in whichever of three forms is smallest.
 //!
 //! - `Full`: every page shared (a swiotlb pool or a guest that shares everything): no heap.
+//! - `One`: a single run, kept inline in the map's directory slot: no heap. Boot lists are
+//!   mostly isolated ranges (per-CPU pages, GHCBs, coherent buffers), one per 128 MiB chunk on
+//!   small guests; as a `Runs` each cost two allocations (~80 bytes as malloc spends them).
 //! - `Runs`: sorted, disjoint, non-adjacent inclusive runs of 16-bit offsets, 4 bytes a run.
 //! - `Bitmap`: one bit per page, 4 KiB, when runs would take more than that (more than
 //!   [`RUNS_MAX`] runs; a guest that fragments memory on purpose).
@@ -69,7 +72,12 @@ pub struct Bitmap {
 pub enum Chunk {
     /// Every page shared.
     Full,
-    /// Shared runs, sorted, disjoint and never adjacent.
+    /// Exactly one run, not the whole chunk.
+    One(Span),
+    /// No page shared: only transiently, after an update (the map drops empty chunks).
+    Empty,
+    /// Shared runs, sorted, disjoint and never adjacent (a chunk that had two keeps its vector
+    /// when down to one).
     Runs(Arc<Vec<Span>>),
     /// One bit per page, 1 = shared.
     Bitmap(Arc<Bitmap>),
@@ -215,14 +223,26 @@ impl Chunk {
         if start == 0 && end == CHUNK_PAGES {
             Chunk::Full
         } else {
-            Chunk::Runs(Arc::new(vec![Span::new(start, end)]))
+            Chunk::One(Span::new(start, end))
+        }
+    }
+
+    /// The runs of the run forms as one slice (`One` as a slice of one, `Empty` as none);
+    /// `None` for `Full` and `Bitmap`.
+    fn span_slice(&self) -> Option<&[Span]> {
+        match self {
+            Chunk::One(s) => Some(std::slice::from_ref(s)),
+            Chunk::Empty => Some(&[]),
+            Chunk::Runs(r) => Some(r),
+            Chunk::Full | Chunk::Bitmap(_) => None,
         }
     }
 
     /// True if no page is shared (the chunk is then dropped from the map).
     pub fn is_empty(&self) -> bool {
         match self {
-            Chunk::Full => false,
+            Chunk::Full | Chunk::One(_) => false,
+            Chunk::Empty => true,
             Chunk::Runs(r) => r.is_empty(),
             Chunk::Bitmap(b) => b.pages == 0,
         }
@@ -232,8 +252,13 @@ impl Chunk {
     pub fn pages(&self) -> u32 {
         match self {
             Chunk::Full => CHUNK_PAGES,
-            Chunk::Runs(r) => r.iter().map(|s| s.end() - s.start()).sum(),
             Chunk::Bitmap(b) => b.pages,
+            c => c
+                .span_slice()
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.end() - s.start())
+                .sum(),
         }
     }
 
@@ -242,7 +267,7 @@ impl Chunk {
     pub fn heap_bytes(&self) -> usize {
         const ARC: usize = 2 * size_of::<usize>();
         match self {
-            Chunk::Full => 0,
+            Chunk::Full | Chunk::One(_) | Chunk::Empty => 0,
             Chunk::Runs(r) => ARC + size_of::<Vec<Span>>() + r.capacity() * size_of::<Span>(),
             Chunk::Bitmap(_) => ARC + size_of::<Bitmap>(),
         }
@@ -262,11 +287,13 @@ impl Chunk {
     pub fn get(&self, off: u32) -> bool {
         match self {
             Chunk::Full => true,
-            Chunk::Runs(r) => {
+            Chunk::One(s) => s.start() <= off && off < s.end(),
+            Chunk::Bitmap(b) => b.get(off),
+            c => {
+                let r = c.span_slice().unwrap_or_default();
                 let i = r.partition_point(|s| s.end() <= off);
                 r.get(i).is_some_and(|s| s.start() <= off)
             }
-            Chunk::Bitmap(b) => b.get(off),
         }
     }
 
@@ -283,7 +310,9 @@ impl Chunk {
                     CHUNK_PAGES
                 }
             }
-            Chunk::Runs(r) => {
+            Chunk::Bitmap(b) => b.find(from, shared),
+            c => {
+                let r = c.span_slice().unwrap_or_default();
                 let i = r.partition_point(|s| s.end() <= from);
                 match (r.get(i), shared) {
                     (Some(s), true) => s.start().max(from),
@@ -292,7 +321,6 @@ impl Chunk {
                     (_, false) => from,
                 }
             }
-            Chunk::Bitmap(b) => b.find(from, shared),
         }
     }
 
@@ -310,15 +338,18 @@ impl Chunk {
     pub fn runs_after(&self, off: u32) -> ChunkRuns<'_> {
         match self {
             Chunk::Full => self.runs(),
-            Chunk::Runs(r) => ChunkRuns {
-                chunk: self,
-                pos: 0,
-                idx: r.partition_point(|s| s.end() <= off),
-            },
             Chunk::Bitmap(_) => ChunkRuns {
                 chunk: self,
                 pos: off,
                 idx: 0,
+            },
+            c => ChunkRuns {
+                chunk: self,
+                pos: 0,
+                idx: c
+                    .span_slice()
+                    .unwrap_or_default()
+                    .partition_point(|s| s.end() <= off),
             },
         }
     }
@@ -326,7 +357,8 @@ impl Chunk {
     /// Number of shared runs inside the chunk (word-parallel for a bitmap).
     pub fn run_count(&self) -> usize {
         match self {
-            Chunk::Full => 1,
+            Chunk::Full | Chunk::One(_) => 1,
+            Chunk::Empty => 0,
             Chunk::Runs(r) => r.len(),
             Chunk::Bitmap(b) => b.run_count(),
         }
@@ -348,7 +380,32 @@ impl Chunk {
                     if end < CHUNK_PAGES {
                         spans.push(Span::new(end, CHUNK_PAGES));
                     }
-                    *self = Chunk::Runs(Arc::new(spans));
+                    *self = match spans[..] {
+                        [] => Chunk::Empty,
+                        [one] => Chunk::One(one),
+                        _ => Chunk::Runs(Arc::new(spans)),
+                    };
+                }
+                return;
+            }
+            Chunk::One(s) => {
+                if let Some(one) = set_one(*s, start, end, shared, flip) {
+                    *self = one;
+                    return;
+                }
+                // Two runs or more now: the general form.
+                let mut r = vec![*s];
+                if shared {
+                    set_runs_shared(&mut r, start, end, flip)
+                } else {
+                    set_runs_encrypted(&mut r, start, end, flip)
+                }
+                *self = Chunk::Runs(Arc::new(r));
+            }
+            Chunk::Empty => {
+                if shared {
+                    flip(start, end);
+                    *self = Chunk::with_range(start, end);
                 }
                 return;
             }
@@ -369,10 +426,15 @@ impl Chunk {
     /// Moves the chunk to its smallest form after a change.
     fn normalize(&mut self) {
         match self {
-            Chunk::Full => {}
+            Chunk::Full | Chunk::One(_) | Chunk::Empty => {}
             Chunk::Runs(r) => {
+                // A run vector down to one run stays one (unless full): going back to `One`
+                // would free it and a coherent buffer coming back would allocate it again,
+                // allocator traffic on every alloc/free pair (W2). Only new chunks are `One`.
                 if r.len() == 1 && r[0].start() == 0 && r[0].end() == CHUNK_PAGES {
                     *self = Chunk::Full;
+                } else if r.is_empty() {
+                    *self = Chunk::Empty;
                 } else if r.len() > RUNS_MAX {
                     let mut b = Bitmap::empty();
                     for s in r.iter() {
@@ -390,6 +452,7 @@ impl Chunk {
                     *self = Chunk::Full;
                 } else if b.run_count() < RUNS_MIN {
                     *self = Chunk::Runs(Arc::new(b.spans()));
+                    self.normalize();
                 }
             }
         }
@@ -400,6 +463,13 @@ impl Chunk {
     pub fn check_invariants(&self) -> Result<(), String> {
         match self {
             Chunk::Full => Ok(()),
+            Chunk::Empty => Err("empty chunk stored".into()),
+            Chunk::One(s) => {
+                if s.start() == 0 && s.end() == CHUNK_PAGES {
+                    return Err("full chunk stored as one run".into());
+                }
+                Ok(())
+            }
             Chunk::Runs(r) => {
                 if r.is_empty() || r.len() > RUNS_MAX {
                     return Err(format!("runs chunk with {} runs", r.len()));
@@ -434,14 +504,56 @@ impl Chunk {
         }
     }
 
-    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader).
+    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader); a
+    /// single run is stored inline.
     pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
+        if let [(a, b)] = runs {
+            return Chunk::with_range(*a, *b);
+        }
         let mut chunk = Chunk::Runs(Arc::new(
             runs.iter().map(|&(a, b)| Span::new(a, b)).collect(),
         ));
         chunk.normalize();
         chunk
     }
+}
+
+/// An update of a `One` chunk that leaves at most one run (nearly all of them: a range grows,
+/// shrinks, or is re-encrypted whole), done inline; `None` when two runs would remain.
+fn set_one(
+    s: Span,
+    start: u32,
+    end: u32,
+    shared: bool,
+    flip: &mut dyn FnMut(u32, u32),
+) -> Option<Chunk> {
+    let (a, b) = (s.start(), s.end());
+    if shared {
+        if end < a || start > b {
+            return None; // apart from the run, not touching it
+        }
+        if start < a {
+            flip(start, a);
+        }
+        if end > b {
+            flip(b, end);
+        }
+        return Some(Chunk::with_range(start.min(a), end.max(b)));
+    }
+    if end <= a || start >= b {
+        return Some(Chunk::One(s)); // nothing shared in [start, end)
+    }
+    if start > a && end < b {
+        return None; // splits the run
+    }
+    flip(start.max(a), end.min(b));
+    Some(if start > a {
+        Chunk::One(Span::new(a, start))
+    } else if end < b {
+        Chunk::One(Span::new(end, b))
+    } else {
+        Chunk::Empty
+    })
 }
 
 fn set_runs_shared(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
@@ -529,8 +641,8 @@ impl Iterator for ChunkRuns<'_> {
                     None
                 }
             }
-            Chunk::Runs(r) => {
-                let s = r.get(self.idx)?;
+            Chunk::One(_) | Chunk::Empty | Chunk::Runs(_) => {
+                let s = self.chunk.span_slice().unwrap_or_default().get(self.idx)?;
                 self.idx += 1;
                 Some((s.start(), s.end()))
             }
@@ -560,11 +672,18 @@ mod tests {
     fn runs_form_updates_match_a_page_model_for_every_small_range() {
         // Every [start, end) over a few runs with gaps, both states: the pages, the flips and
         // the invariants after the in-place replacement of the runs the range touches.
-        let spans = [(2, 5), (7, 9), (12, 20), (22, 23), (30, 40), (44, 45)];
-        for shared in [true, false] {
+        // The same over a chunk of one run (the inline `One` form), and over two runs that one
+        // update can merge into one.
+        let lists: [&[(u32, u32)]; 4] = [
+            &[(2, 5), (7, 9), (12, 20), (22, 23), (30, 40), (44, 45)],
+            &[(12, 20)],
+            &[(0, 9)],
+            &[(10, 12), (14, 30)],
+        ];
+        for (spans, shared) in lists.iter().flat_map(|l| [(*l, true), (*l, false)]) {
             for start in 0..48u32 {
                 for end in start + 1..=48 {
-                    let mut c = Chunk::from_runs(&spans);
+                    let mut c = Chunk::from_runs(spans);
                     let mut want: Vec<bool> = (0..48).map(|o| c.get(o)).collect();
                     let mut want_flips = vec![];
                     for o in start..end {
