@@ -18,7 +18,7 @@ import pytest
 import scenario
 from scenario import read_trace, resend_violations
 import sev_sequence as seq
-from pagenc_vm import MiB, PAGE, PagencApi, QmpError, Vm, wait_until
+from pagenc_vm import MiB, PAGE, HarnessError, PagencApi, QmpError, Vm, wait_until
 
 MIGRATION_TIMEOUT = 120
 SIM = "x-sev-simulated-firmware=on"
@@ -307,7 +307,7 @@ def test_destination_without_the_capability_refuses(vms):
 def test_simulated_firmware_properties_need_the_opt_in(vms):
     vm = Vm("bad", vms.workdir, pagenc=False, mem_mb=128,
             extra_args=["-object", "pagenc,id=pe0,x-testing=on,x-sev-sim-policy=1"])
-    with pytest.raises(Exception):
+    with pytest.raises(HarnessError):
         vm.launch()
     vm.kill()
     assert "the x-sev-sim-* properties need x-sev-simulated-firmware=on" in vm.stderr_text()
@@ -350,3 +350,27 @@ def test_tseg_enabled_identity_migration(vms):
     dst.wait_status(("paused", "prelaunch"))    # the source never ran (-S)
     assert_sent_through_firmware(src, dst)
     assert src.memory_sha256(w / "src.ram") == dst.memory_sha256(w / "dst.ram")
+
+
+# --------------------------------------------------------------------------------------------
+# Negative control of assert_sent_through_firmware: a page sent the wrong way is seen.
+
+def test_misclassified_page_breaks_the_count_check(vms):
+    """x-misclassify-gpa sends one encrypted guest page as shared. In identity mode the
+    memories still match, so the firmware's counts must be what catches it (the keyed mode
+    of the transport-proof branch catches it in the memory too)."""
+    w = vms.workdir
+    src = boot(vms, extra_args=source_args())
+    shared = PagencApi.ranges(src.pagenc_api.query())
+    gpa = 16 * MiB                          # the payload dirties it on every pass
+    assert not any(s <= gpa < e for s, e in shared), "the control page must be encrypted"
+    src.cmd("qom-set", path="/objects/pe0", property="x-misclassify-gpa", value=gpa)
+    dst = vms("dst", pagenc=False, mem_mb=128, incoming=f"unix:{w}/m.sock", paused=True,
+              extra_args=dest_args())
+    assert migrate_fast(src, f"unix:{w}/m.sock")["status"] == "completed"
+    dst.wait_status("paused")
+    with pytest.raises(AssertionError):
+        assert_sent_through_firmware(src, dst)
+    si, st = src.pagenc_api.query(), transport(src)
+    assert 0 < si["pages-sent-encrypted"] - st["send-update-data"] <= 10
+    assert transport(dst)["receive-update-data"] == st["send-update-data"]
