@@ -60,6 +60,14 @@ def boot(make, name="src", *, mem_mb=128, extra_args=(), **kw) -> Vm:
     return vm
 
 
+def boot_ready(make, name="src", *, extra_args=()) -> Vm:
+    """A running payload that says READY, with no shared pages: enough for refusals."""
+    vm = make(name, pagenc=False, mem_mb=128, extra_args=list(extra_args))
+    vm.wait_guest_running(0)                # the banner: its COM1 poller runs
+    scenario.set_ready(vm, 1)
+    return vm
+
+
 def wait_migration(src: Vm, statuses=("completed", "failed", "cancelled")) -> dict:
     return wait_until(lambda: (i := src.cmd("query-migrate"))["status"] in statuses and i,
                       MIGRATION_TIMEOUT, f"{src.name}: migration to end in {statuses}")
@@ -277,7 +285,7 @@ def test_snapshot_refused(refusals):
 ])
 def test_refused_guest_policy(vms, props, message):
     w = vms.workdir
-    src = boot(vms, extra_args=source_args(*props))
+    src = boot_ready(vms, extra_args=source_args(*props))
     dst = vms("dst", pagenc=False, mem_mb=128, incoming=f"unix:{w}/m.sock",
               extra_args=dest_args(*props))
     info = migrate_fast(src, f"unix:{w}/m.sock")
@@ -290,7 +298,7 @@ def test_refused_guest_policy(vms, props, message):
 
 def test_destination_without_the_capability_refuses(vms):
     w = vms.workdir
-    src = boot(vms, extra_args=source_args())
+    src = boot_ready(vms, extra_args=source_args())
     dst = vms("dst", pagenc=False, mem_mb=128, incoming="defer",
               extra_args=pagenc_object(f"x-sev-sim-platform-id={P_DST}") +
               caps("x-return-path"))
