@@ -41,12 +41,14 @@ check-qemu: qemu check-qemu-patches check-meson-subproject check-lib-symbols
 check-qemu-series: qemu
 	bash scripts/check-qemu-series.sh
 
-# The modules-rust build: the module is mapped only with -object pagenc, the Rust HPET
-# counts, a live migration with the list between two of its QEMUs. Prints what the
-# variant costs (its build and these tests), the CI time it adds to make check.
+# The modules-rust build: libpagenc beside QEMU's Rust staticlib in one link, with the
+# same and with another rustc (qemu-rust-link.sh); the module is mapped only with
+# -object pagenc, the Rust HPET counts, a live migration with the list between two of its
+# QEMUs. Prints what the variant costs (its build and these tests): the CI time it adds.
 check-qemu-modules-rust:
 	@t0=$$(date +%s); \
 	bash scripts/build-qemu.sh --no-deps --variant modules-rust && \
+	sh tests/qemu/lib-symbols/qemu-rust-link.sh $(QEMU_MR_BUILD) && \
 	PAGENC_REQUIRE_QEMU=1 PAGENC_QEMU_VARIANT=modules-rust \
 	    PAGENC_QEMU=$(CURDIR)/$(QEMU_MR_BUILD)/qemu-system-x86_64 \
 	    QEMU_MODULE_DIR=$(CURDIR)/$(QEMU_MR_BUILD) \

@@ -48,6 +48,41 @@ def ranges(info):
     return [(r["gpa"], r["size"]) for r in info["ranges"]]
 
 
+def link_args(target: str) -> list[str]:
+    """The link arguments meson wrote for @target into the build's build.ninja."""
+    lines = (QEMU.parent / "build.ninja").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"build {target}: "))
+    for line in lines[start + 1:]:
+        if line.startswith("build "):
+            break
+        if line.strip().startswith("LINK_ARGS = "):
+            return line.split(" = ", 1)[1].split()
+    raise AssertionError(f"no LINK_ARGS for {target} in build.ninja")
+
+
+def whole_archived(args: list[str]) -> list[str]:
+    inside, out = False, []
+    for a in args:
+        if a == "-Wl,--whole-archive":
+            inside = True
+        elif a == "-Wl,--no-whole-archive":
+            inside = False
+        elif inside:
+            out.append(a)
+    return out
+
+
+def test_libpagenc_is_linked_into_the_module_only_and_never_whole_archive():
+    """The binary's link does not name libpagenc at all (only QEMU's own Rust
+    staticlib is whole-archived there); the module's names it plainly."""
+    binary = link_args("qemu-system-x86_64")
+    assert [a for a in binary if "pagenc" in a] == [], "the binary's link names libpagenc"
+    assert any("librust_x86_64_softmmu.a" in a for a in whole_archived(binary))
+    module = link_args(MODULE)
+    assert any(a.endswith("libpagenc.a") or a == "-lpagenc" for a in module), module
+    assert [a for a in whole_archived(module) if "pagenc" in a] == []
+
+
 def test_this_is_the_modules_rust_build():
     """The premise of the other tests, checked instead of assumed: the module
     exists beside the binary, and only the module carries libpagenc."""
