@@ -1,12 +1,19 @@
 # QEMU integration: the patched QEMU 10.2.2 (scripts/build-qemu.sh, cached in build/),
 # checkpatch on the series (qemu-patches/) and the pytest + qemu.qmp tests (tests/qemu/).
+# The second build (--variant modules-rust: pagenc as a module, QEMU's own Rust on)
+# gets a focused set of tests; the full suite runs on the default (builtin) build.
 PYTHON ?= python3
-CHECK_TARGETS += check-qemu
+CHECK_TARGETS += check-qemu check-qemu-modules-rust
+QEMU_MR_BUILD := build/qemu-build-modules-rust
 
 .PHONY: qemu check-qemu check-qemu-patches check-meson-subproject check-lib-symbols check-qemu-series \
 	check-qemu-qtest
+.PHONY: qemu-modules-rust check-qemu-modules-rust
 qemu:
 	bash scripts/build-qemu.sh --no-deps
+
+qemu-modules-rust:
+	bash scripts/build-qemu.sh --no-deps --variant modules-rust
 
 # QEMU's own checkpatch.pl, from the unpacked tree; every patch must have 0 errors.
 check-qemu-patches: qemu
@@ -48,3 +55,17 @@ check-qemu: qemu check-qemu-patches check-meson-subproject check-lib-symbols che
 # Slow (a full QEMU build, then one incremental build per patch): every patch builds on its own.
 check-qemu-series: qemu
 	bash scripts/check-qemu-series.sh
+
+# The modules-rust build: libpagenc beside QEMU's Rust staticlib in one link, with the
+# same and with another rustc (qemu-rust-link.sh); the module is mapped only with
+# -object pagenc, the Rust HPET counts, a live migration with the list between two of its
+# QEMUs. Prints what the variant costs (its build and these tests): the CI time it adds.
+check-qemu-modules-rust:
+	@t0=$$(date +%s); \
+	bash scripts/build-qemu.sh --no-deps --variant modules-rust && \
+	sh tests/qemu/lib-symbols/qemu-rust-link.sh $(QEMU_MR_BUILD) && \
+	PAGENC_REQUIRE_QEMU=1 PAGENC_QEMU_VARIANT=modules-rust \
+	    PAGENC_QEMU=$(CURDIR)/$(QEMU_MR_BUILD)/qemu-system-x86_64 \
+	    QEMU_MODULE_DIR=$(CURDIR)/$(QEMU_MR_BUILD) \
+	    $(PYTHON) -m pytest -q -ra tests/qemu/test_variant_modules_rust.py $(QEMU_TEST_ARGS) && \
+	echo "check-qemu-modules-rust: the second QEMU variant took $$(( $$(date +%s) - t0 )) s (build + tests)"

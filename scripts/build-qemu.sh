@@ -3,6 +3,15 @@
 #
 #   scripts/build-qemu.sh            fetch, patch, build pagenc + QEMU (cached)
 #   scripts/build-qemu.sh --no-deps  skip scripts/install-deps.sh
+#   scripts/build-qemu.sh --variant V
+#       builtin       (default) pagenc built into the binary, QEMU's Rust off:
+#                     build/qemu-build
+#       modules-rust  --enable-modules (pagenc is the module backends-pagenc,
+#                     loaded by -object pagenc only) and --enable-rust (QEMU's
+#                     own Rust: the HPET of the devices file is the Rust one):
+#                     build/qemu-build-modules-rust
+#     Both variants build from the same patched tree build/qemu-src; ccache
+#     shares what it can between them.
 #
 # Source: Debian's `qemu` source package, pinned to $QEMU_DEB_VERSION (sid:
 # the newest QEMU whose source Debian serves; 11.1.x is listed in the index
@@ -30,6 +39,24 @@
 # pkg-config (PKG_CONFIG_PATH).
 set -euo pipefail
 
+NO_DEPS=""
+VARIANT=builtin
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --no-deps) NO_DEPS=$1 ;;
+    --variant) [ $# -ge 2 ] || { echo "build-qemu.sh: --variant needs builtin or modules-rust" >&2; exit 2; }
+               VARIANT=$2; shift ;;
+    --variant=*) VARIANT=${1#--variant=} ;;
+    *) echo "build-qemu.sh: unknown argument '$1' (allowed: --no-deps, --variant builtin|modules-rust)" >&2
+       exit 2 ;;
+    esac
+    shift
+done
+case "$VARIANT" in
+builtin|modules-rust) ;;
+*) echo "build-qemu.sh: unknown variant '$VARIANT' (allowed: builtin, modules-rust)" >&2; exit 2 ;;
+esac
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 B=$ROOT/build
 QEMU_DEB_VERSION=1:10.2.2+ds-1
@@ -37,7 +64,7 @@ QEMU_UPSTREAM=10.2.2
 DEB_SUITE=sid
 SRC=$B/qemu-src
 AMTREE=$B/qemu-am
-BLD=$B/qemu-build
+if [ "$VARIANT" = builtin ]; then BLD=$B/qemu-build; else BLD=$B/qemu-build-$VARIANT; fi
 PREFIX=$B/pagenc-prefix
 PATCHES=$ROOT/qemu-patches
 DEVICES=pagenc-q35
@@ -66,8 +93,9 @@ die() { printf '[build-qemu] ERROR: %s\n' "$*" >&2; exit 1; }
 mkdir -p "$B"
 
 # --------------------------------------------------------------------------
-say "deps: scripts/install-deps.sh${1:+ (skipped: $1)}"
-if [ "${1:-}" != --no-deps ]; then
+say "variant: $VARIANT -> ${BLD#$ROOT/}"
+say "deps: scripts/install-deps.sh${NO_DEPS:+ (skipped: $NO_DEPS)}"
+if [ -z "$NO_DEPS" ]; then
     bash "$ROOT/scripts/install-deps.sh"
 fi
 stage_end deps
@@ -255,15 +283,28 @@ pkg-config --exists pagenc || die "pkg-config cannot find pagenc in $PC"
 say "pagenc: $(pkg-config --modversion pagenc), static libs: $(pkg-config --static --libs pagenc)"
 # QEMU's link step does not depend on the .a; relink when it changed.
 lib_sum=$(sha256sum "$PREFIX/lib/libpagenc.a" "$PREFIX/include/pagenc.h" | sha256sum | cut -d' ' -f1)
-if [ -f "$B/pagenc-lib.sha256" ] && [ "$(cat "$B/pagenc-lib.sha256")" != "$lib_sum" ]; then
+if [ -f "$BLD/.pagenc-lib.sha256" ] && [ "$(cat "$BLD/.pagenc-lib.sha256")" != "$lib_sum" ]; then
     say "pagenc: library changed, QEMU will relink"
-    rm -f "$BLD/qemu-system-x86_64"
+    rm -f "$BLD/qemu-system-x86_64" "$BLD/backends-pagenc.so"
 fi
-echo "$lib_sum" > "$B/pagenc-lib.sha256"
 stage_end pagenc
 
 # --------------------------------------------------------------------------
-say "configure: build/qemu-build"
+# --------------------------------------------------------------------------
+# QEMU's own Rust crates (modules-rust only): pinned by subprojects/*-rs.wrap,
+# fetched by cargo from crates.io, with generated meson overlays.
+if [ "$VARIANT" = modules-rust ]; then
+    say "rust: QEMU's crates (subprojects/*-rs.wrap) via cargo, overlays generated"
+    command -v bindgen >/dev/null ||
+        die "QEMU's Rust needs bindgen (Debian package bindgen, or cargo install bindgen-cli); scripts/install-deps.sh installs it"
+    # shellcheck source=scripts/lib/qemu-rust-crates.sh
+    . "$ROOT/scripts/lib/qemu-rust-crates.sh"
+    qemu_rust_crates "$SRC" "$B/qemu-rust-crates"
+    say "rust: $(rustc --version), $(bindgen --version 2>&1 | head -1)"
+    stage_end rust
+fi
+
+say "configure: ${BLD#$ROOT/}"
 PAGENC_OPT=""
 if git_q grep -q "option('pagenc'" HEAD -- meson_options.txt 2>/dev/null; then
     PAGENC_OPT=--enable-pagenc
@@ -271,6 +312,11 @@ fi
 CONF=(--target-list=x86_64-softmmu --without-default-devices "--with-devices-x86_64=$DEVICES"
       --disable-docs --disable-install-blobs --disable-download
       --disable-tools --disable-guest-agent --python="$(command -v python3)" $PAGENC_OPT)
+TARGETS=(qemu-system-x86_64)
+if [ "$VARIANT" = modules-rust ]; then
+    CONF+=(--enable-modules --enable-rust)
+    TARGETS+=(modules)
+fi
 conf_sum=$(echo "${CONF[*]} $PKG_CONFIG_PATH" | sha256sum | cut -d' ' -f1)
 if [ -f "$BLD/build.ninja" ] && [ "$(cat "$BLD/.pagenc-configure" 2>/dev/null)" = "$conf_sum" ]; then
     say "configure: unchanged, skipped (ninja re-runs meson when meson files change)"
@@ -279,16 +325,16 @@ else
     mkdir -p "$BLD"
     say "configure: ${CONF[*]}"
     (cd "$BLD" && "$SRC/configure" "${CONF[@]}" > configure.log 2>&1) ||
-        { tail -30 "$BLD/configure.log"; die "configure failed (build/qemu-build/configure.log)"; }
+        { tail -30 "$BLD/configure.log"; die "configure failed (${BLD#$ROOT/}/configure.log)"; }
     echo "$conf_sum" > "$BLD/.pagenc-configure"
 fi
 stage_end configure
 
 # --------------------------------------------------------------------------
-say "build: ninja -j${JOBS:-2} qemu-system-x86_64 (progress every ${PROGRESS_EVERY:-15}s)"
+say "build: ninja -j${JOBS:-2} ${TARGETS[*]} (progress every ${PROGRESS_EVERY:-15}s)"
 # ninja writes "[done/total] step" lines to its log; a watcher prints the
 # latest one so that a long build is never silent.
-ninja -C "$BLD" -j"${JOBS:-2}" qemu-system-x86_64 > "$BLD/ninja.log" 2>&1 &
+ninja -C "$BLD" -j"${JOBS:-2}" "${TARGETS[@]}" > "$BLD/ninja.log" 2>&1 &
 ninja_pid=$!
 while kill -0 "$ninja_pid" 2>/dev/null; do
     for _ in $(seq "${PROGRESS_EVERY:-15}"); do
@@ -301,9 +347,23 @@ while kill -0 "$ninja_pid" 2>/dev/null; do
         "$(awk "BEGIN{printf \"%.0f\", $(date +%s.%N) - $STAGE_T}")"
 done
 wait "$ninja_pid" ||
-    { grep -B2 -A12 -m3 'error' "$BLD/ninja.log" || tail -40 "$BLD/ninja.log"; die "ninja failed (build/qemu-build/ninja.log)"; }
+    { grep -B2 -A12 -m3 'error' "$BLD/ninja.log" || tail -40 "$BLD/ninja.log"; die "ninja failed (${BLD#$ROOT/}/ninja.log)"; }
+echo "$lib_sum" > "$BLD/.pagenc-lib.sha256"
 grep -m1 -o '\[[0-9]*/[0-9]*\]' <(tac "$BLD/ninja.log") >/dev/null && say "build: $(grep -c '^\[' "$BLD/ninja.log") steps"
 "$BLD/qemu-system-x86_64" --version | head -1 | sed 's/^/[build-qemu] /'
+if [ "$VARIANT" = modules-rust ]; then
+    # What this variant is for: libpagenc (and its Rust runtime) only in the
+    # module, QEMU's own Rust (the HPET) in the binary.
+    [ -f "$BLD/backends-pagenc.so" ] || die "no module $BLD/backends-pagenc.so"
+    if nm -D --defined-only "$BLD/qemu-system-x86_64" | grep -q ' pagenc_'; then
+        die "qemu-system-x86_64 defines libpagenc's pagenc_* symbols: pagenc must be only in backends-pagenc.so"
+    fi
+    nm -D --defined-only "$BLD/backends-pagenc.so" | grep -q ' pagenc_tracker_new$' ||
+        die "backends-pagenc.so does not contain libpagenc (pagenc_tracker_new)"
+    grep -q '^CONFIG_X_HPET_RUST=y' "$BLD/x86_64-softmmu-config-devices.mak" ||
+        die "QEMU's Rust HPET (CONFIG_X_HPET_RUST) is not in this build"
+    say "check: libpagenc only in backends-pagenc.so; CONFIG_X_HPET_RUST=y"
+fi
 stage_end build
 
 printf '[build-qemu] all done in %ss: %s\n' "$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $T0}")" "$BLD/qemu-system-x86_64"

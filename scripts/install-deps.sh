@@ -17,6 +17,7 @@ APT_PKGS=(
     seabios                 # BIOS at run time (the Debian QEMU tarball has no firmware)
     binutils                # guest payload (as/ld)
     ccache                  # QEMU builds: a second configuration (or worktree) reuses objects
+    bindgen                 # QEMU's own Rust (build-qemu.sh --variant modules-rust): 0.60.1, QEMU's minimum
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -29,8 +30,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PIP_PKGS=("meson>=1.5,<2" "pycotap==1.3.1" "qemu.qmp==0.0.5" "pytest>=7")
-if ! python3 -c 'import mesonbuild, pycotap, qemu.qmp, pytest' 2>/dev/null; then
+# meson >= 1.9: QEMU's --enable-rust needs it (its pythondeps.toml, [meson-rust])
+PIP_PKGS=("meson>=1.9,<2" "pycotap==1.3.1" "qemu.qmp==0.0.5" "pytest>=7")
+if ! python3 -c 'import mesonbuild, pycotap, qemu.qmp, pytest
+from mesonbuild.coredata import version
+assert tuple(map(int, version.split(".")[:2])) >= (1, 9)' 2>/dev/null; then
     say "pip install ${PIP_PKGS[*]}"
     python3 -m pip install -q --disable-pip-version-check "${PIP_PKGS[@]}"
 fi
