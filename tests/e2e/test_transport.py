@@ -18,7 +18,7 @@ import pytest
 import scenario
 from scenario import read_trace, resend_violations
 import sev_sequence as seq
-from pagenc_vm import MiB, PAGE, PagencApi, QmpError, Vm, wait_until
+from pagenc_vm import MiB, PAGE, HarnessError, PagencApi, QmpError, Vm, wait_until
 
 MIGRATION_TIMEOUT = 120
 SIM = "x-sev-simulated-firmware=on"
@@ -57,6 +57,14 @@ def boot(make, name="src", *, mem_mb=128, extra_args=(), **kw) -> Vm:
     vm = make(name, pagenc=False, mem_mb=mem_mb, extra_args=list(extra_args), **kw)
     vm.wait_guest_running(2)
     scenario.boot_list(vm, [])
+    return vm
+
+
+def boot_ready(make, name="src", *, extra_args=()) -> Vm:
+    """A running payload that says READY, with no shared pages: enough for refusals."""
+    vm = make(name, pagenc=False, mem_mb=128, extra_args=list(extra_args))
+    vm.wait_guest_running(0)                # the banner: its COM1 poller runs
+    scenario.set_ready(vm, 1)
     return vm
 
 
@@ -277,7 +285,7 @@ def test_snapshot_refused(refusals):
 ])
 def test_refused_guest_policy(vms, props, message):
     w = vms.workdir
-    src = boot(vms, extra_args=source_args(*props))
+    src = boot_ready(vms, extra_args=source_args(*props))
     dst = vms("dst", pagenc=False, mem_mb=128, incoming=f"unix:{w}/m.sock",
               extra_args=dest_args(*props))
     info = migrate_fast(src, f"unix:{w}/m.sock")
@@ -290,7 +298,7 @@ def test_refused_guest_policy(vms, props, message):
 
 def test_destination_without_the_capability_refuses(vms):
     w = vms.workdir
-    src = boot(vms, extra_args=source_args())
+    src = boot_ready(vms, extra_args=source_args())
     dst = vms("dst", pagenc=False, mem_mb=128, incoming="defer",
               extra_args=pagenc_object(f"x-sev-sim-platform-id={P_DST}") +
               caps("x-return-path"))
@@ -307,7 +315,7 @@ def test_destination_without_the_capability_refuses(vms):
 def test_simulated_firmware_properties_need_the_opt_in(vms):
     vm = Vm("bad", vms.workdir, pagenc=False, mem_mb=128,
             extra_args=["-object", "pagenc,id=pe0,x-testing=on,x-sev-sim-policy=1"])
-    with pytest.raises(Exception):
+    with pytest.raises(HarnessError):
         vm.launch()
     vm.kill()
     assert "the x-sev-sim-* properties need x-sev-simulated-firmware=on" in vm.stderr_text()
@@ -350,3 +358,27 @@ def test_tseg_enabled_identity_migration(vms):
     dst.wait_status(("paused", "prelaunch"))    # the source never ran (-S)
     assert_sent_through_firmware(src, dst)
     assert src.memory_sha256(w / "src.ram") == dst.memory_sha256(w / "dst.ram")
+
+
+# --------------------------------------------------------------------------------------------
+# Negative control of assert_sent_through_firmware: a page sent the wrong way is seen.
+
+def test_misclassified_page_breaks_the_count_check(vms):
+    """x-misclassify-gpa sends one encrypted guest page as shared. In identity mode the
+    memories still match, so the firmware's counts must be what catches it (the keyed mode
+    of the transport-proof branch catches it in the memory too)."""
+    w = vms.workdir
+    src = boot(vms, extra_args=source_args())
+    shared = PagencApi.ranges(src.pagenc_api.query())
+    gpa = 16 * MiB                          # the payload dirties it on every pass
+    assert not any(s <= gpa < e for s, e in shared), "the control page must be encrypted"
+    src.cmd("qom-set", path="/objects/pe0", property="x-misclassify-gpa", value=gpa)
+    dst = vms("dst", pagenc=False, mem_mb=128, incoming=f"unix:{w}/m.sock", paused=True,
+              extra_args=dest_args())
+    assert migrate_fast(src, f"unix:{w}/m.sock")["status"] == "completed"
+    dst.wait_status("paused")
+    with pytest.raises(AssertionError):
+        assert_sent_through_firmware(src, dst)
+    si, st = src.pagenc_api.query(), transport(src)
+    assert 0 < si["pages-sent-encrypted"] - st["send-update-data"] <= 10
+    assert transport(dst)["receive-update-data"] == st["send-update-data"]
