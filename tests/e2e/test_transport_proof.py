@@ -9,7 +9,7 @@ Identity mode (both keys zero): the destination guest runs on.
 Matrix: precopy over a socket with return path, with conversions during the migration;
 multifd with 1 and 4 channels, keyed and identity; a guest reset during the migration; the
 deliberately wrong classification (x-misclassify-gpa) must be caught, by the verifier, on
-exactly that page.  The other helper's tests (tests/qemu) cover cancel, a damaged packet,
+exactly that page.  tests/e2e/test_transport.py covers cancel, a damaged packet,
 migration to a file and the refusals.
 """
 
@@ -110,6 +110,9 @@ def test_wrong_classification_is_caught_on_exactly_that_page(vms):
 
 @pytest.mark.parametrize("channels", [1, 4])
 def test_keyed_multifd(vms, channels):
+    """Negative control, done once by hand: with multifd_queue_encrypted_page() queueing
+    encrypted pages as plain ones (patch 0020 broken on purpose), the [4] case failed with
+    "pages 65440 shared-ok 9010 encrypted-ok 0 mismatches 56430"."""
     w = vms.workdir
     log = w / "src-trace.log"
     src = vms("src", pagenc=False,
