@@ -11,6 +11,8 @@
 //! - [`sev`]: the marshalling, [`SevTransport`]: session set-up on both sides, one page per
 //!   SEND/RECEIVE_UPDATE_DATA, finish, cancel, the refusals.
 //! - [`wire`]: the versioned, length-checked session record and page packet.
+//! - [`verify`]: the keyed-mode check of a migration through the simulated firmware (every page
+//!   equal to the source where shared, re-keyed where encrypted).
 //! - [`error`]: what failed, named.
 //!
 //! docs/transport.md has the flow on real hardware, the wire format and why this is Rust.
@@ -20,13 +22,15 @@ pub mod error;
 pub mod sev;
 pub mod sev_abi;
 pub mod simfw;
+pub mod verify;
 pub mod wire;
 
 pub use encrypt_op::{KvmVm, MemoryEncryptOp};
 pub use error::{PageCtx, Refusal, SevMode, TransportError};
 pub use sev::{SendParams, SevTransport};
 pub use simfw::{
-    sim_amd_certs, GuestState, Memslot, SimConfig, SimError, SimFirmware, SimRole, SimStats,
-    SIM_OPT_IN,
+    rekey_page, sim_amd_certs, GuestState, Memslot, SimConfig, SimError, SimFirmware, SimRole,
+    SimStats, SIM_OPT_IN,
 };
+pub use verify::{Expected, Found, Mismatch, Report, Verifier, VerifyError};
 pub use wire::{Packet, PacketPrefix, SessionRecord, WireError};

@@ -318,6 +318,18 @@ fn check_memslots(slots: &[Memslot]) -> Result<Vec<Memslot>, SimError> {
     Ok(sorted)
 }
 
+/// What the simulated SEND_UPDATE_DATA on a source with memory key `src_key`, then
+/// RECEIVE_UPDATE_DATA on a destination with `dst_key`, do to the RAM bytes of the page at
+/// `gpa_page` (4 KiB aligned): decrypt under the source's key, encrypt under the destination's.
+/// `buf` is the whole page, or its first bytes. The keyed-mode verifier
+/// ([`super::verify`]) uses this to predict an encrypted page on the destination, so the check
+/// and the firmware share one definition of the memory encryption (tests/transport.rs checks it
+/// against a model written independently).
+pub fn rekey_page(src_key: &[u8; 32], dst_key: &[u8; 32], gpa_page: u64, buf: &mut [u8]) {
+    memory_xor(src_key, gpa_page, 0, buf);
+    memory_xor(dst_key, gpa_page, 0, buf);
+}
+
 /// XORs `buf` with the modelled memory-encryption keystream of `key` for the page at `gpa_page`,
 /// starting `offset` bytes into the page. An all-zero key is the identity.
 fn memory_xor(key: &[u8; 32], gpa_page: u64, offset: usize, buf: &mut [u8]) {

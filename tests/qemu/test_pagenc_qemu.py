@@ -487,7 +487,7 @@ def test_guest_msr_without_object_is_unknown(vms, workdir):
 @pytest.mark.skipif(ACCEL != "kvm", reason="the MSR filter exists only with -accel kvm")
 @pytest.mark.parametrize("args", [
     ["-object", "pagenc,id=pe0,cpuid=off,x-testing=on"],
-    # the CPU model turns one bit off (patch 35): the guest's CPUID follows it
+    # the CPU model turns one bit off (patch 17): the guest's CPUID follows it
     ["-object", "pagenc,id=pe0,x-testing=on", "-cpu", "qemu64,-kvm-migration-control"],
 ])
 def test_guest_cpuid_off(vms, workdir, args):
