@@ -147,6 +147,29 @@ class Qemu:
         return self.wait_for(done, "migration to finish", timeout)
 
 
+def migrate_list_between_two_qemus(vms, workdir) -> "Qemu":
+    """The list's live migration every build must pass: two shared ranges and READY cross
+    from one QEMU to another over a unix socket; the destination runs with the same list.
+    Returns the destination, for checks of the build at hand."""
+    page, mib = 4096, 1 << 20
+    sock = workdir / "mig.sock"
+    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-incoming", "defer"])
+    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
+    src.map(16 * mib, 8, 0)
+    src.map(0x100000, 1, 0)
+    src.set_mc(1)
+    src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
+    src.cmd("migrate", uri=f"unix:{sock}")
+    assert src.wait_migration()["status"] == "completed"
+    dst.wait_for(lambda: dst.cmd("query-status")["status"] == "running", "destination running")
+    got = dst.pagenc()
+    assert [(r["gpa"], r["size"]) for r in got["ranges"]] == \
+        [(0x100000, page), (16 * mib, 8 * page)]
+    assert got["ready"] is True
+    return dst
+
+
 def run_qemu_expect_failure(args: list[str], timeout: float = 20.0,
                             accel: str = ACCEL) -> tuple[int, str]:
     """Run QEMU that must refuse its command line; returns (exit code, stderr)."""

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from conftest import ACCEL, run_qemu_expect_failure
+from conftest import ACCEL, migrate_list_between_two_qemus, run_qemu_expect_failure
 
 PAGE = 4096
 MiB = 1 << 20
@@ -525,20 +525,7 @@ def test_refused_stream_leaves_source_running(vms, workdir):
 
 
 def test_live_migration_between_two_qemus(vms, workdir):
-    sock = workdir / "mig.sock"
-    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-incoming", "defer"])
-    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
-    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
-    src.map(16 * MiB, 8, 0)
-    src.map(0x100000, 1, 0)
-    src.set_mc(1)
-    src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
-    src.cmd("migrate", uri=f"unix:{sock}")
-    assert src.wait_migration()["status"] == "completed"
-    dst.wait_for(lambda: dst.cmd("query-status")["status"] == "running", "destination running")
-    got = dst.pagenc()
-    assert ranges(got) == [(0x100000, PAGE), (16 * MiB, 8 * PAGE)]
-    assert got["ready"] is True
+    migrate_list_between_two_qemus(vms, workdir)
 
 
 @pytest.mark.skipif(ACCEL != "kvm", reason="only KVM sets up exits at VM creation")

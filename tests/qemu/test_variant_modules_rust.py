@@ -22,7 +22,7 @@ import subprocess
 
 import pytest
 
-from conftest import QEMU, ROOT, Qtest
+from conftest import QEMU, ROOT, Qtest, migrate_list_between_two_qemus
 
 VARIANT = os.environ.get("PAGENC_QEMU_VARIANT", "builtin")
 MODULE = "backends-pagenc.so"
@@ -171,20 +171,7 @@ def test_hpet_is_rust_and_counts(vms, workdir):
 
 
 def test_live_migration_between_two_qemus_of_this_build(vms, workdir):
-    sock = workdir / "mig.sock"
-    dst = vms("dst", ["-object", "pagenc,id=pe0,x-testing=on", "-incoming", "defer"])
-    dst.cmd("migrate-incoming", uri=f"unix:{sock}")
-    src = vms("src", ["-object", "pagenc,id=pe0,x-testing=on"])
-    src.map(16 * MiB, 8, 0)
-    src.map(0x100000, 1, 0)
-    src.set_mc(1)
-    src.wait_for(lambda: not src.pagenc()["migration-blocked"], "source unblocked")
-    src.cmd("migrate", uri=f"unix:{sock}")
-    assert src.wait_migration()["status"] == "completed"
-    dst.wait_for(lambda: dst.cmd("query-status")["status"] == "running", "destination running")
-    got = dst.pagenc()
-    assert ranges(got) == [(0x100000, PAGE), (16 * MiB, 8 * PAGE)]
-    assert got["ready"] is True
+    dst = migrate_list_between_two_qemus(vms, workdir)
     assert MODULE in maps(dst)
 
 
