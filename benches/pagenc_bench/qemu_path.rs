@@ -24,6 +24,7 @@ pub(crate) struct QemuRow {
     pub(crate) b0_ns: f64,
     pub(crate) qemu_ns: f64,
     pub(crate) abi_ns: f64,
+    pub(crate) call_ns: f64,
     pub(crate) shared: u64,
 }
 
@@ -145,6 +146,7 @@ pub(crate) fn measure(
             b0_ns: kv("b0")?,
             qemu_ns: kv("qemu")?,
             abi_ns: kv("abi")?,
+            call_ns: kv("call")?,
             shared: kv("shared")? as u64,
         });
     }
