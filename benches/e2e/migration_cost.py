@@ -3,7 +3,7 @@
 
 The same guest (guest/build/payload.elf dirtying memory, as in `make demo`) is
 migrated between two QEMUs over a unix socket, several times per configuration,
-the configurations interleaved (a, b, c, a, b, c, ...) so that the shared
+the configurations interleaved (a, b, c, d, a, b, ...) so that the shared
 machine's load drifts over all of them alike. Per run it records what
 query-migrate reports on the source: total time, downtime, transferred bytes.
 Printed: best and median per configuration, and each one's ratio to row (a),
@@ -14,18 +14,35 @@ Rows (ROWS below):
   (b) pagenc, boot list   -object pagenc, the Linux SEV boot list of the demo
                           (tests/e2e/sev_sequence.py), READY
   (c) pagenc, hostile     -object pagenc, every other guest page shared, READY
+  (d) transport, keyed    the encrypted-page transport (issue 12 item 3): -object
+                          pagenc with the simulated SEV firmware and a different
+                          memory key per side (tests/e2e/keyed.py), the boot list of
+                          (b), capabilities x-encrypted-pages and return-path on both
+                          sides, precopy; the pages the list calls encrypted go
+                          through SEND/RECEIVE_UPDATE_DATA. The destination stays
+                          paused (keyed RAM cannot run); checked: equal lists, and
+                          the firmware's page counts > 0 and equal on both sides.
+                          (The page-by-page keyed proof, tests/e2e/
+                          test_transport_proof.py, is not repeated here: it needs the
+                          verifier's build and two RAM dumps per run.)
 
-Adding a row (the encrypted-page transport's rows, for instance) is a Row(...)
-appended to ROWS: a key, a title, whether the QEMUs get -object pagenc, extra
-QEMU arguments for both sides, and a setup function that runs on the booted
-source before the migration (it returns a short description of what it did).
-Every row is migrated with the same guest, memory size and migration
-parameters; rows are compared with (a).
+Adding a row is a Row(...) appended to ROWS: a key, a title, whether the row has
+pagenc (its destination's list is then compared with its source's), a setup
+function that runs on the booted source before the migration (it returns a
+short description of what it did), and optionally: extra QEMU arguments for
+both sides; side_args, each side's own arguments (its own -object pagenc, in
+place of the harness's plain one); set_caps, run on each side before the
+migration (on the destination before migrate-incoming: it then starts with
+-incoming defer); check, run after the migration (returns a description, raises
+HarnessError on failure). Every row is migrated with the same guest, memory
+size and migration parameters; rows are compared with (a).
 
 Usage: python3 benches/e2e/migration_cost.py [--runs 5] [--mem 256] [--dirty-mb 32]
+                                             [--rows a,b,c,d]
        (make bench-e2e; needs scripts/build-qemu.sh and make -C guest)
 Writes target/bench/e2e.json and prints a markdown table. Exit status 1 if a
-migration fails or a destination's list differs from its source's.
+migration fails, a destination's list differs from its source's or a row's
+check fails.
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests/e2e"))
@@ -49,6 +66,7 @@ sys.path.insert(0, str(ROOT / "tests/e2e"))
 from pagenc_vm import (  # noqa: E402
     MiB, PAGE, ATTR_DECRYPTED, HarnessError, PagencApi, Vm, migrate,
 )
+import keyed  # noqa: E402
 import scenario  # noqa: E402
 
 T0 = time.monotonic()
@@ -121,6 +139,22 @@ def setup_hostile(vm: Vm) -> str:
     return f"{len(calls)} one-page calls, {n} shared ranges, READY"
 
 
+def check_transport(src: Vm, dst: Vm) -> str:
+    """Row (d): the encrypted pages went through the firmware, as many received as sent.
+
+    The counts are query-pagenc's (keyed.transport_info); a migration that sent nothing
+    through the firmware (capability lost, everything classified shared) fails here.
+    """
+    st, dt = keyed.transport_info(src), keyed.transport_info(dst)
+    sent, received = st.get("send-update-data", 0), dt.get("receive-update-data", 0)
+    if not (sent > 0 and sent == received and st.get("send-finish") == 1
+            and dt.get("receive-finish") == 1):
+        raise HarnessError(f"transport counts: source {st}, destination {dt}: expected "
+                           "send-update-data > 0 equal to receive-update-data, one "
+                           "SEND_FINISH and one RECEIVE_FINISH")
+    return f"{sent} pages through the firmware each side"
+
+
 @dataclass
 class Row:
     key: str
@@ -128,12 +162,22 @@ class Row:
     pagenc: bool
     setup: Callable[[Vm], str]
     extra_args: list[str] = field(default_factory=list)
+    # (source, destination) arguments with the side's own -object pagenc: the harness's
+    # plain one is then left out.
+    side_args: Optional[tuple[list[str], list[str]]] = None
+    # Sets migration capabilities on one side; run on each before the migration (row (d):
+    # x-encrypted-pages and return-path, keyed.set_capabilities).
+    set_caps: Optional[Callable[[Vm], None]] = None
+    check: Optional[Callable[[Vm, Vm], str]] = None
 
 
 ROWS = [
     Row("a", "no pagenc", False, setup_none),
     Row("b", "pagenc, boot list", True, setup_boot_list),
     Row("c", "pagenc, hostile every-other-page list", True, setup_hostile),
+    Row("d", "transport, keyed, boot list", True, setup_boot_list,
+        side_args=(keyed.source_args(), keyed.destination_args()),
+        set_caps=keyed.set_capabilities, check=check_transport),
 ]
 
 
@@ -141,19 +185,29 @@ ROWS = [
 
 def one_run(row: Row, i: int, opts, work: Path) -> dict:
     append = f"serial mb={opts.dirty_mb}"
+    # With side_args the row brings its own -object pagenc.
+    harness_pagenc = row.pagenc and row.side_args is None
+    src_args, dst_args = row.side_args or ([], [])
     vms: list[Vm] = []
     try:
-        src = Vm(f"src-{row.key}{i}", work, pagenc=row.pagenc, mem_mb=opts.mem, append=append,
-                 extra_args=row.extra_args)
+        src = Vm(f"src-{row.key}{i}", work, pagenc=harness_pagenc, mem_mb=opts.mem,
+                 append=append, extra_args=row.extra_args + src_args)
         vms.append(src)
         src.launch()
         src.wait_guest_running(passes=2)
         did = row.setup(src)
         sock = work / f"mig-{row.key}{i}.sock"
-        dst = Vm(f"dst-{row.key}{i}", work, pagenc=row.pagenc, mem_mb=opts.mem, append=append,
-                 incoming=f"unix:{sock}", paused=True, extra_args=row.extra_args)
+        # Capabilities must be set on the destination before its incoming migration
+        # starts: -incoming defer, set them, then migrate-incoming.
+        dst = Vm(f"dst-{row.key}{i}", work, pagenc=harness_pagenc, mem_mb=opts.mem,
+                 append=append, incoming="defer" if row.set_caps else f"unix:{sock}",
+                 paused=True, extra_args=row.extra_args + dst_args)
         vms.append(dst)
         dst.launch()
+        if row.set_caps:
+            row.set_caps(dst)
+            dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+            row.set_caps(src)
         # The same parameters for every row: no bandwidth cap worth the name, 300 ms downtime.
         src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 30, "downtime-limit": 300})
         mi = migrate(src, f"unix:{sock}", timeout=opts.timeout)
@@ -164,8 +218,9 @@ def one_run(row: Row, i: int, opts, work: Path) -> dict:
             sr = PagencApi.ranges(src.pagenc_api.query())
             dr = PagencApi.ranges(dst.pagenc_api.query())
             ok = sr == dr
+        checked = row.check(src, dst) if row.check else ""
         return {
-            "row": row.key, "run": i, "accel": src.accel, "setup": did,
+            "row": row.key, "run": i, "accel": src.accel, "setup": did, "check": checked,
             "total_ms": mi.get("total-time"), "downtime_ms": mi.get("downtime"),
             "setup_ms": mi.get("setup-time"), "transferred": ram.get("transferred"),
             "dirty_syncs": ram.get("dirty-sync-count"), "lists_equal": ok,
@@ -239,6 +294,7 @@ def main() -> int:
                 say(f"({row.key}) run {i} [{r['accel']}]: total {r['total_ms']} ms, downtime "
                     f"{r['downtime_ms']} ms, {r['transferred'] / MiB:.1f} MiB, "
                     f"{r['dirty_syncs']} syncs; {r['setup']}"
+                    + (f"; {r['check']}" if r["check"] else "")
                     + ("" if r["lists_equal"] else "; LISTS DIFFER"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
