@@ -13,6 +13,8 @@ Keyed mode (a different memory key per side) and multifd are tested elsewhere
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import scenario
@@ -361,14 +363,37 @@ def test_tseg_enabled_identity_migration(vms):
 
 
 # --------------------------------------------------------------------------------------------
-# Negative control of assert_sent_through_firmware: a page sent the wrong way is seen.
+# The count check checks the transport, not the classifier.
 
-def test_misclassified_page_breaks_the_count_check(vms):
-    """x-misclassify-gpa sends one encrypted guest page as shared. In identity mode the
-    memories still match, so the firmware's counts must be what catches it (the keyed mode
-    of the transport-proof branch catches it in the memory too)."""
+def test_count_check_catches_pages_not_sent_through_the_firmware(vms):
+    """Negative control of assert_sent_through_firmware: the same pair without the
+    x-encrypted-pages capability sends every page plainly. The classifier still counts
+    encrypted pages; the firmware saw none, and the check must say so."""
     w = vms.workdir
-    src = boot(vms, extra_args=source_args())
+    src = boot(vms, extra_args=[*pagenc_object(f"x-sev-sim-platform-id={P_SRC}",
+                                               f"x-sev-sim-peer-platform-id={P_DST}"),
+                                *caps("x-return-path")])
+    dst = vms("dst", pagenc=False, mem_mb=128, incoming=f"unix:{w}/m.sock", paused=True,
+              extra_args=[*pagenc_object(f"x-sev-sim-platform-id={P_DST}"),
+                          *caps("x-return-path")])
+    assert migrate_fast(src, f"unix:{w}/m.sock")["status"] == "completed"
+    dst.wait_status("paused")
+    assert src.pagenc_api.query()["pages-sent-encrypted"] > 0
+    assert transport(src)["send-update-data"] == 0
+    with pytest.raises(AssertionError):
+        assert_sent_through_firmware(src, dst)
+
+
+def test_misclassified_page_is_sent_plainly_and_counted_as_shared(vms):
+    """x-misclassify-gpa flips pagenc's answer for one encrypted guest page: the RAM loop
+    sends it plainly, on every pass, and counts it as shared. The transport gets exactly
+    what the classifier said, so the firmware's counts still agree: they check the
+    transport. What catches a wrong answer is the memory in keyed mode
+    (test_transport_proof.py, the same hook)."""
+    w = vms.workdir
+    trace = w / "src-trace.log"
+    src = boot(vms, extra_args=source_args(extra=["-D", str(trace),
+                                                   "-trace", "pagenc_ram_page"]))
     shared = PagencApi.ranges(src.pagenc_api.query())
     gpa = 16 * MiB                          # the payload dirties it on every pass
     assert not any(s <= gpa < e for s, e in shared), "the control page must be encrypted"
@@ -377,8 +402,10 @@ def test_misclassified_page_breaks_the_count_check(vms):
               extra_args=dest_args())
     assert migrate_fast(src, f"unix:{w}/m.sock")["status"] == "completed"
     dst.wait_status("paused")
-    with pytest.raises(AssertionError):
-        assert_sent_through_firmware(src, dst)
-    si, st = src.pagenc_api.query(), transport(src)
-    assert 0 < si["pages-sent-encrypted"] - st["send-update-data"] <= 10
-    assert transport(dst)["receive-update-data"] == st["send-update-data"]
+    assert_sent_through_firmware(src, dst)
+    sent = {}
+    for m in re.finditer(r"pagenc_ram_page block=pc\.ram offset=0x[0-9a-f]+ "
+                         r"gpa=0x([0-9a-f]+) page=(\d)", trace.read_text(errors="replace")):
+        sent.setdefault(int(m.group(1), 16), set()).add(int(m.group(2)))
+    assert sent.get(gpa) == {1}, sent.get(gpa)              # QEMU_PAGENC_PAGE_SHARED
+    assert sent.get(gpa + PAGE) == {0}, sent.get(gpa + PAGE)  # its neighbour: ENCRYPTED
