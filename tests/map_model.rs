@@ -320,7 +320,7 @@ fn hostile_fragmentation_stays_under_a_bitmap() {
 #[test]
 fn ordinary_layout_costs_about_32_bytes_a_range_or_less() {
     // 300 scattered shared ranges in a 16 GiB guest (per-CPU pages, DMA buffers): 2.3 ranges in
-    // each of 128 chunks, so the per-chunk cost dominates: a 24-byte directory entry and, since
+    // each of 128 chunks, so the per-chunk cost dominates: a 16-byte directory entry and, since
     // the chunks are shared copy-on-write with snapshots (issue 10), 40 bytes of `Arc` counters
     // and `Vec` header, then 4 bytes a range. (Before copy-on-write: 40 + 4 a range, 24 bytes a
     // range here; the snapshot that keeps the stream encoder off the lock costs ~8 more.)

@@ -48,6 +48,11 @@ impl Span {
             last: (end - 1) as u16,
         }
     }
+    /// A span no run has (first > last), which the directory slot uses to mark the forms
+    /// that have no span of their own.
+    pub(super) const fn marker(k: u16) -> Span {
+        Span { first: k, last: 0 }
+    }
     fn start(self) -> u32 {
         self.first as u32
     }
@@ -227,141 +232,20 @@ impl Chunk {
         }
     }
 
-    /// The runs of the run forms as one slice (`One` as a slice of one, `Empty` as none);
-    /// `None` for `Full` and `Bitmap`.
-    fn span_slice(&self) -> Option<&[Span]> {
+    /// The chunk as a borrowed view, which every query goes through.
+    pub fn view(&self) -> ChunkRef<'_> {
         match self {
-            Chunk::One(s) => Some(std::slice::from_ref(s)),
-            Chunk::Empty => Some(&[]),
-            Chunk::Runs(r) => Some(r),
-            Chunk::Full | Chunk::Bitmap(_) => None,
+            Chunk::Full => ChunkRef::Full,
+            Chunk::One(s) => ChunkRef::One(s),
+            Chunk::Empty => ChunkRef::Empty,
+            Chunk::Runs(r) => ChunkRef::Runs(r),
+            Chunk::Bitmap(b) => ChunkRef::Bitmap(b),
         }
     }
 
-    /// True if no page is shared (the chunk is then dropped from the map).
+    /// True if no page is shared (the map then drops the chunk).
     pub fn is_empty(&self) -> bool {
-        match self {
-            Chunk::Full | Chunk::One(_) => false,
-            Chunk::Empty => true,
-            Chunk::Runs(r) => r.is_empty(),
-            Chunk::Bitmap(b) => b.pages == 0,
-        }
-    }
-
-    /// Number of shared pages: O(1), except O(runs) (at most [`RUNS_MAX`]) for the runs form.
-    pub fn pages(&self) -> u32 {
-        match self {
-            Chunk::Full => CHUNK_PAGES,
-            Chunk::Bitmap(b) => b.pages,
-            c => c
-                .span_slice()
-                .unwrap_or_default()
-                .iter()
-                .map(|s| s.end() - s.start())
-                .sum(),
-        }
-    }
-
-    /// Heap bytes the chunk owns (not counting its slot in the map's directory), with the
-    /// `Arc`'s two counters. A chunk shared with a snapshot is counted in full by each.
-    pub fn heap_bytes(&self) -> usize {
-        const ARC: usize = 2 * size_of::<usize>();
-        match self {
-            Chunk::Full | Chunk::One(_) | Chunk::Empty => 0,
-            Chunk::Runs(r) => ARC + size_of::<Vec<Span>>() + r.capacity() * size_of::<Span>(),
-            Chunk::Bitmap(_) => ARC + size_of::<Bitmap>(),
-        }
-    }
-
-    /// The words of a bitmap chunk (bit `i` of word `w` is offset `64 w + i`, 1 = shared);
-    /// `None` for the other forms. Lets a reader copy a fragmented chunk once and answer from
-    /// the copy with bit tests.
-    pub fn bitmap_words(&self) -> Option<&[u64; WORDS]> {
-        match self {
-            Chunk::Bitmap(b) => Some(&b.words),
-            _ => None,
-        }
-    }
-
-    /// Is the page at `off` shared?
-    pub fn get(&self, off: u32) -> bool {
-        match self {
-            Chunk::Full => true,
-            Chunk::One(s) => s.start() <= off && off < s.end(),
-            Chunk::Bitmap(b) => b.get(off),
-            c => {
-                let r = c.span_slice().unwrap_or_default();
-                let i = r.partition_point(|s| s.end() <= off);
-                r.get(i).is_some_and(|s| s.start() <= off)
-            }
-        }
-    }
-
-    /// The first offset at or after `from` whose state is `shared`, or `CHUNK_PAGES`.
-    pub fn find(&self, from: u32, shared: bool) -> u32 {
-        if from >= CHUNK_PAGES {
-            return CHUNK_PAGES;
-        }
-        match self {
-            Chunk::Full => {
-                if shared {
-                    from
-                } else {
-                    CHUNK_PAGES
-                }
-            }
-            Chunk::Bitmap(b) => b.find(from, shared),
-            c => {
-                let r = c.span_slice().unwrap_or_default();
-                let i = r.partition_point(|s| s.end() <= from);
-                match (r.get(i), shared) {
-                    (Some(s), true) => s.start().max(from),
-                    (None, true) => CHUNK_PAGES,
-                    (Some(s), false) if s.start() <= from => s.end(),
-                    (_, false) => from,
-                }
-            }
-        }
-    }
-
-    /// The shared runs as half-open offset pairs, ascending.
-    pub fn runs(&self) -> ChunkRuns<'_> {
-        ChunkRuns {
-            chunk: self,
-            pos: 0,
-            idx: 0,
-        }
-    }
-
-    /// The shared runs that end after `off`, ascending (the first may start before `off`, or,
-    /// in a bitmap, be cut to start at it). O(log runs) to start.
-    pub fn runs_after(&self, off: u32) -> ChunkRuns<'_> {
-        match self {
-            Chunk::Full => self.runs(),
-            Chunk::Bitmap(_) => ChunkRuns {
-                chunk: self,
-                pos: off,
-                idx: 0,
-            },
-            c => ChunkRuns {
-                chunk: self,
-                pos: 0,
-                idx: c
-                    .span_slice()
-                    .unwrap_or_default()
-                    .partition_point(|s| s.end() <= off),
-            },
-        }
-    }
-
-    /// Number of shared runs inside the chunk (word-parallel for a bitmap).
-    pub fn run_count(&self) -> usize {
-        match self {
-            Chunk::Full | Chunk::One(_) => 1,
-            Chunk::Empty => 0,
-            Chunk::Runs(r) => r.len(),
-            Chunk::Bitmap(b) => b.run_count(),
-        }
+        self.view().is_empty()
     }
 
     /// Sets `[start, end)` (offsets, `start < end <= CHUNK_PAGES`) to shared or encrypted and
@@ -458,19 +342,187 @@ impl Chunk {
         }
     }
 
+    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader); a
+    /// single run is stored inline.
+    pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
+        if let [(a, b)] = runs {
+            return Chunk::with_range(*a, *b);
+        }
+        let mut chunk = Chunk::Runs(Arc::new(
+            runs.iter().map(|&(a, b)| Span::new(a, b)).collect(),
+        ));
+        chunk.normalize();
+        chunk
+    }
+}
+
+/// A borrowed view of a chunk: what queries read. The map's directory slot
+/// ([`super::slot::Slot`]) hands one out without moving the chunk out of its packed form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkRef<'a> {
+    /// See [`Chunk::Full`].
+    Full,
+    /// See [`Chunk::One`].
+    One(&'a Span),
+    /// See [`Chunk::Empty`].
+    Empty,
+    /// See [`Chunk::Runs`].
+    Runs(&'a Vec<Span>),
+    /// See [`Chunk::Bitmap`].
+    Bitmap(&'a Bitmap),
+}
+
+impl<'a> ChunkRef<'a> {
+    /// The runs of the run forms as one slice (`One` as a slice of one, `Empty` as none);
+    /// `None` for `Full` and `Bitmap`.
+    fn span_slice(self) -> Option<&'a [Span]> {
+        match self {
+            ChunkRef::One(s) => Some(std::slice::from_ref(s)),
+            ChunkRef::Empty => Some(&[]),
+            ChunkRef::Runs(r) => Some(r.as_slice()),
+            ChunkRef::Full | ChunkRef::Bitmap(_) => None,
+        }
+    }
+
+    /// True if no page is shared (the chunk is then dropped from the map).
+    pub fn is_empty(self) -> bool {
+        match self {
+            ChunkRef::Full | ChunkRef::One(_) => false,
+            ChunkRef::Empty => true,
+            ChunkRef::Runs(r) => r.is_empty(),
+            ChunkRef::Bitmap(b) => b.pages == 0,
+        }
+    }
+
+    /// Number of shared pages: O(1), except O(runs) (at most [`RUNS_MAX`]) for the runs form.
+    pub fn pages(self) -> u32 {
+        match self {
+            ChunkRef::Full => CHUNK_PAGES,
+            ChunkRef::Bitmap(b) => b.pages,
+            c => c
+                .span_slice()
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.end() - s.start())
+                .sum(),
+        }
+    }
+
+    /// Heap bytes the chunk owns (not counting its slot in the map's directory), with the
+    /// `Arc`'s two counters. A chunk shared with a snapshot is counted in full by each.
+    pub fn heap_bytes(self) -> usize {
+        const ARC: usize = 2 * size_of::<usize>();
+        match self {
+            ChunkRef::Full | ChunkRef::One(_) | ChunkRef::Empty => 0,
+            ChunkRef::Runs(r) => ARC + size_of::<Vec<Span>>() + r.capacity() * size_of::<Span>(),
+            ChunkRef::Bitmap(_) => ARC + size_of::<Bitmap>(),
+        }
+    }
+
+    /// The words of a bitmap chunk (bit `i` of word `w` is offset `64 w + i`, 1 = shared);
+    /// `None` for the other forms. Lets a reader copy a fragmented chunk once and answer from
+    /// the copy with bit tests.
+    pub fn bitmap_words(self) -> Option<&'a [u64; WORDS]> {
+        match self {
+            ChunkRef::Bitmap(b) => Some(&b.words),
+            _ => None,
+        }
+    }
+
+    /// Is the page at `off` shared?
+    pub fn get(self, off: u32) -> bool {
+        match self {
+            ChunkRef::Full => true,
+            ChunkRef::One(s) => s.start() <= off && off < s.end(),
+            ChunkRef::Bitmap(b) => b.get(off),
+            c => {
+                let r = c.span_slice().unwrap_or_default();
+                let i = r.partition_point(|s| s.end() <= off);
+                r.get(i).is_some_and(|s| s.start() <= off)
+            }
+        }
+    }
+
+    /// The first offset at or after `from` whose state is `shared`, or `CHUNK_PAGES`.
+    pub fn find(self, from: u32, shared: bool) -> u32 {
+        if from >= CHUNK_PAGES {
+            return CHUNK_PAGES;
+        }
+        match self {
+            ChunkRef::Full => {
+                if shared {
+                    from
+                } else {
+                    CHUNK_PAGES
+                }
+            }
+            ChunkRef::Bitmap(b) => b.find(from, shared),
+            c => {
+                let r = c.span_slice().unwrap_or_default();
+                let i = r.partition_point(|s| s.end() <= from);
+                match (r.get(i), shared) {
+                    (Some(s), true) => s.start().max(from),
+                    (None, true) => CHUNK_PAGES,
+                    (Some(s), false) if s.start() <= from => s.end(),
+                    (_, false) => from,
+                }
+            }
+        }
+    }
+
+    /// The shared runs as half-open offset pairs, ascending.
+    pub fn runs(self) -> ChunkRuns<'a> {
+        ChunkRuns {
+            chunk: self,
+            pos: 0,
+            idx: 0,
+        }
+    }
+
+    /// The shared runs that end after `off`, ascending (the first may start before `off`, or,
+    /// in a bitmap, be cut to start at it). O(log runs) to start.
+    pub fn runs_after(self, off: u32) -> ChunkRuns<'a> {
+        match self {
+            ChunkRef::Full => self.runs(),
+            ChunkRef::Bitmap(_) => ChunkRuns {
+                chunk: self,
+                pos: off,
+                idx: 0,
+            },
+            c => ChunkRuns {
+                chunk: self,
+                pos: 0,
+                idx: c
+                    .span_slice()
+                    .unwrap_or_default()
+                    .partition_point(|s| s.end() <= off),
+            },
+        }
+    }
+
+    /// Number of shared runs inside the chunk (word-parallel for a bitmap).
+    pub fn run_count(self) -> usize {
+        match self {
+            ChunkRef::Full | ChunkRef::One(_) => 1,
+            ChunkRef::Empty => 0,
+            ChunkRef::Runs(r) => r.len(),
+            ChunkRef::Bitmap(b) => b.run_count(),
+        }
+    }
+
     /// Checks the representation invariants: runs sorted, disjoint, non-adjacent and below
     /// [`RUNS_MAX`]; a bitmap's count right; no empty chunk; `Full` used for a full chunk.
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_invariants(self) -> Result<(), String> {
         match self {
-            Chunk::Full => Ok(()),
-            Chunk::Empty => Err("empty chunk stored".into()),
-            Chunk::One(s) => {
+            ChunkRef::Full => Ok(()),
+            ChunkRef::Empty => Err("empty chunk stored".into()),
+            ChunkRef::One(s) => {
                 if s.start() == 0 && s.end() == CHUNK_PAGES {
                     return Err("full chunk stored as one run".into());
                 }
                 Ok(())
             }
-            Chunk::Runs(r) => {
+            ChunkRef::Runs(r) => {
                 if r.is_empty() || r.len() > RUNS_MAX {
                     return Err(format!("runs chunk with {} runs", r.len()));
                 }
@@ -484,7 +536,7 @@ impl Chunk {
                 }
                 Ok(())
             }
-            Chunk::Bitmap(b) => {
+            ChunkRef::Bitmap(b) => {
                 let pages: u32 = b.words.iter().map(|w| w.count_ones()).sum();
                 if pages != b.pages || pages == 0 || pages == CHUNK_PAGES {
                     return Err(format!(
@@ -502,19 +554,6 @@ impl Chunk {
                 Ok(())
             }
         }
-    }
-
-    /// Builds a chunk from ascending, disjoint, non-adjacent runs (the map's bulk loader); a
-    /// single run is stored inline.
-    pub fn from_runs(runs: &[(u32, u32)]) -> Chunk {
-        if let [(a, b)] = runs {
-            return Chunk::with_range(*a, *b);
-        }
-        let mut chunk = Chunk::Runs(Arc::new(
-            runs.iter().map(|&(a, b)| Span::new(a, b)).collect(),
-        ));
-        chunk.normalize();
-        chunk
     }
 }
 
@@ -623,7 +662,7 @@ fn set_runs_encrypted(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn Fn
 /// Iterator over a chunk's shared runs as half-open offset pairs.
 #[derive(Debug)]
 pub struct ChunkRuns<'a> {
-    chunk: &'a Chunk,
+    chunk: ChunkRef<'a>,
     pos: u32,
     idx: usize,
 }
@@ -633,7 +672,7 @@ impl Iterator for ChunkRuns<'_> {
 
     fn next(&mut self) -> Option<(u32, u32)> {
         match self.chunk {
-            Chunk::Full => {
+            ChunkRef::Full => {
                 if self.pos == 0 {
                     self.pos = CHUNK_PAGES;
                     Some((0, CHUNK_PAGES))
@@ -641,12 +680,12 @@ impl Iterator for ChunkRuns<'_> {
                     None
                 }
             }
-            Chunk::One(_) | Chunk::Empty | Chunk::Runs(_) => {
+            ChunkRef::One(_) | ChunkRef::Empty | ChunkRef::Runs(_) => {
                 let s = self.chunk.span_slice().unwrap_or_default().get(self.idx)?;
                 self.idx += 1;
                 Some((s.start(), s.end()))
             }
-            Chunk::Bitmap(b) => {
+            ChunkRef::Bitmap(b) => {
                 let start = b.find(self.pos, true);
                 if start >= CHUNK_PAGES {
                     self.pos = CHUNK_PAGES;
@@ -665,7 +704,7 @@ mod tests {
     use super::*;
 
     fn model(c: &Chunk) -> Vec<bool> {
-        (0..CHUNK_PAGES).map(|o| c.get(o)).collect()
+        (0..CHUNK_PAGES).map(|o| c.view().get(o)).collect()
     }
 
     #[test]
@@ -684,7 +723,7 @@ mod tests {
             for start in 0..48u32 {
                 for end in start + 1..=48 {
                     let mut c = Chunk::from_runs(spans);
-                    let mut want: Vec<bool> = (0..48).map(|o| c.get(o)).collect();
+                    let mut want: Vec<bool> = (0..48).map(|o| c.view().get(o)).collect();
                     let mut want_flips = vec![];
                     for o in start..end {
                         if want[o as usize] != shared {
@@ -697,13 +736,13 @@ mod tests {
                     }
                     let mut flips = vec![];
                     c.set(start, end, shared, &mut |a, b| flips.push((a, b)));
-                    let got: Vec<bool> = (0..48).map(|o| c.get(o)).collect();
+                    let got: Vec<bool> = (0..48).map(|o| c.view().get(o)).collect();
                     let case = format!("[{start}, {end}) shared={shared}");
                     assert_eq!(got, want, "{case}");
                     assert_eq!(flips, want_flips, "{case}");
                     if !c.is_empty() {
                         // (The map drops an empty chunk; the invariants hold for kept ones.)
-                        assert_eq!(c.check_invariants(), Ok(()), "{case}");
+                        assert_eq!(c.view().check_invariants(), Ok(()), "{case}");
                     }
                 }
             }
@@ -721,14 +760,14 @@ mod tests {
             "{} runs must be a bitmap",
             RUNS_MAX + 1
         );
-        assert_eq!(c.run_count(), RUNS_MAX + 1);
+        assert_eq!(c.view().run_count(), RUNS_MAX + 1);
         // Runs start at 0, 2, 4, ..., 2048: clearing [0, 1100) drops 550 of them.
         c.set(0, 1100, false, &mut |_, _| {});
         assert!(
             matches!(c, Chunk::Runs(_)),
             "475 runs fit in the runs form again"
         );
-        assert_eq!(c.run_count(), RUNS_MAX + 1 - 550);
+        assert_eq!(c.view().run_count(), RUNS_MAX + 1 - 550);
     }
 
     #[test]
@@ -745,7 +784,7 @@ mod tests {
             let len = 1 + (x >> 3) % 200;
             let end = (start + len).min(CHUNK_PAGES);
             c.set(start, end, x & 1 == 0, &mut |_, _| {});
-            assert_eq!(c.check_invariants(), Ok(()));
+            assert_eq!(c.view().check_invariants(), Ok(()));
         }
     }
 

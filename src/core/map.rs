@@ -3,6 +3,7 @@
 use std::mem::size_of;
 
 use super::chunk::{Chunk, BITMAP_WORDS, CHUNK_PAGES, CHUNK_SHIFT};
+use super::slot::Slot;
 use super::{Layout, PageRange, PageState, Run, MAX_GFN};
 
 /// What one update did.
@@ -24,8 +25,8 @@ pub struct UpdateSummary {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageMap {
     layout: Layout,
-    /// Non-empty chunks, sorted by chunk number (gfn >> CHUNK_SHIFT).
-    chunks: Vec<(u64, Chunk)>,
+    /// Non-empty chunks, sorted by chunk number (gfn >> CHUNK_SHIFT), 16 bytes each.
+    chunks: Vec<Slot>,
     shared_pages: u64,
 }
 
@@ -129,9 +130,9 @@ impl PageMap {
     }
 
     /// Makes room for `n` more directory slots, growing by a quarter rather than Vec's
-    /// doubling: a slot is 24 bytes per 128 MiB chunk, and on small boot lists (a few dozen
-    /// ranges, one per chunk) doubling left up to half the directory empty, more than the
-    /// whole of a B-tree holding the same ranges. Still geometric, so inserts stay amortised
+    /// doubling: a slot is 16 bytes per 128 MiB chunk (slot.rs), and on small boot lists (a
+    /// few dozen ranges, one per chunk) doubling left up to half the directory empty, more than
+    /// the whole of a B-tree holding the same ranges. Still geometric, so inserts stay amortised
     /// O(1); `n` at least the current length (a huge share from an empty map) is exact.
     fn grow(&mut self, n: usize) {
         let (len, cap) = (self.chunks.len(), self.chunks.capacity());
@@ -142,19 +143,22 @@ impl PageMap {
 
     fn share(&mut self, r: PageRange, sink: &mut FlipSink<'_>) {
         let (first, last) = (chunk_of(r.start), chunk_of(r.end - 1));
-        let lo = self.chunks.partition_point(|(c, _)| *c < first);
+        let lo = self.chunks.partition_point(|s| s.num() < first);
         if first == last {
             // The common case (swiotlb, per-CPU pages, DMA buffers): one chunk, in place.
             let base = base_of(first);
             let (a, b) = (offset_of(r.start), offset_of(r.end - 1) + 1);
             match self.chunks.get_mut(lo) {
-                Some((c, chunk)) if *c == first => chunk.set(a, b, true, &mut |x, y| {
-                    sink.push(base + x as u64, base + y as u64)
+                Some(s) if s.num() == first => s.update(|chunk| {
+                    chunk.set(a, b, true, &mut |x, y| {
+                        sink.push(base + x as u64, base + y as u64)
+                    })
                 }),
                 _ => {
                     sink.push(r.start, r.end);
                     self.grow(1);
-                    self.chunks.insert(lo, (first, Chunk::with_range(a, b)));
+                    self.chunks
+                        .insert(lo, Slot::new(first, Chunk::with_range(a, b)));
                 }
             }
             return;
@@ -163,7 +167,7 @@ impl PageMap {
         // (a guest sharing everything on a 4 PiB layout) must not hold the old stretch, a
         // vector of new chunks and the spliced directory at once (that peaked at twice the
         // final heap).
-        let hi = self.chunks.partition_point(|(c, _)| *c <= last);
+        let hi = self.chunks.partition_point(|s| s.num() <= last);
         let bounds = |c: u64| {
             let a = if c == first { offset_of(r.start) } else { 0 };
             let b = if c == last {
@@ -180,9 +184,11 @@ impl PageMap {
             let base = base_of(c);
             let (a, b) = bounds(c);
             match self.chunks.get_mut(j) {
-                Some((oc, chunk)) if *oc == c => {
-                    chunk.set(a, b, true, &mut |x, y| {
-                        sink.push(base + x as u64, base + y as u64)
+                Some(s) if s.num() == c => {
+                    s.update(|chunk| {
+                        chunk.set(a, b, true, &mut |x, y| {
+                            sink.push(base + x as u64, base + y as u64)
+                        })
                     });
                     j += 1;
                 }
@@ -200,17 +206,18 @@ impl PageMap {
         }
         let len = self.chunks.len();
         self.grow(missing);
-        self.chunks.resize_with(len + missing, || (0, Chunk::Full));
+        self.chunks
+            .resize_with(len + missing, || Slot::new(0, Chunk::Full));
         self.chunks[hi..].rotate_right(missing);
         let (mut pos, mut j) = (hi + missing, hi);
         for c in (first..=last).rev() {
             pos -= 1;
-            if j > lo && self.chunks[j - 1].0 == c {
+            if j > lo && self.chunks[j - 1].num() == c {
                 j -= 1;
                 self.chunks.swap(j, pos);
             } else {
                 let (a, b) = bounds(c);
-                self.chunks[pos] = (c, Chunk::with_range(a, b));
+                self.chunks[pos] = Slot::new(c, Chunk::with_range(a, b));
             }
         }
         debug_assert_eq!((pos, j), (lo, lo));
@@ -218,16 +225,16 @@ impl PageMap {
 
     fn encrypt(&mut self, r: PageRange, sink: &mut FlipSink<'_>) {
         let (first, last) = (chunk_of(r.start), chunk_of(r.end - 1));
-        let lo = self.chunks.partition_point(|(c, _)| *c < first);
+        let lo = self.chunks.partition_point(|s| s.num() < first);
         let hi = if first == last {
             // One chunk (nearly every call): no second search.
-            lo + self.chunks.get(lo).is_some_and(|(c, _)| *c == first) as usize
+            lo + self.chunks.get(lo).is_some_and(|s| s.num() == first) as usize
         } else {
-            self.chunks.partition_point(|(c, _)| *c <= last)
+            self.chunks.partition_point(|s| s.num() <= last)
         };
         let mut keep = lo;
         for i in lo..hi {
-            let c = self.chunks[i].0;
+            let c = self.chunks[i].num();
             let base = base_of(c);
             let a = if c == first { offset_of(r.start) } else { 0 };
             let b = if c == last {
@@ -235,11 +242,13 @@ impl PageMap {
             } else {
                 CHUNK_PAGES
             };
-            let chunk = &mut self.chunks[i].1;
-            chunk.set(a, b, false, &mut |x, y| {
-                sink.push(base + x as u64, base + y as u64)
+            let empty = self.chunks[i].update(|chunk| {
+                chunk.set(a, b, false, &mut |x, y| {
+                    sink.push(base + x as u64, base + y as u64)
+                });
+                chunk.is_empty()
             });
-            if !chunk.is_empty() {
+            if !empty {
                 self.chunks.swap(keep, i);
                 keep += 1;
             }
@@ -288,15 +297,15 @@ impl PageMap {
         let mut lost = 0u64;
         let mut keep = 0;
         for i in 0..self.chunks.len() {
-            let c = self.chunks[i].0;
+            let c = self.chunks[i].num();
             let span = PageRange {
                 start: base_of(c),
                 end: base_of(c + 1),
             };
             let mut pieces = layout.clip(span).peekable();
-            let chunk = &mut self.chunks[i].1;
+            let mut chunk = self.chunks[i].take();
             match pieces.peek() {
-                None => lost += chunk.pages() as u64,
+                None => lost += chunk.view().pages() as u64,
                 Some(p) if *p == span => {}
                 Some(_) => {
                     // Clear the gaps between the RAM pieces of the chunk.
@@ -316,12 +325,14 @@ impl PageMap {
                     }
                 }
             }
-            if layout.clip(span).next().is_some() && !self.chunks[i].1.is_empty() {
+            let keep_it = layout.clip(span).next().is_some() && !chunk.is_empty();
+            self.chunks[i].put(chunk);
+            if keep_it {
                 self.chunks.swap(keep, i);
                 keep += 1;
             }
         }
-        dropped.extend(self.chunks.drain(keep..).map(|(_, c)| c));
+        dropped.extend(self.chunks.drain(keep..).map(Slot::into_chunk));
         if self.chunks.capacity() > 2 * self.chunks.len() + 16 {
             self.chunks
                 .shrink_to(self.chunks.len() + self.chunks.len() / 2);
@@ -335,9 +346,9 @@ impl PageMap {
     /// at `gfn` and ends where the state changes (or at the 52-bit limit).
     pub fn run_at(&self, gfn: u64) -> Run {
         let gfn = gfn.min(MAX_GFN - 1);
-        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        let i = self.chunks.partition_point(|s| s.num() < chunk_of(gfn));
         let shared = match self.chunks.get(i) {
-            Some((c, chunk)) if *c == chunk_of(gfn) => chunk.get(offset_of(gfn)),
+            Some(s) if s.num() == chunk_of(gfn) => s.view().get(offset_of(gfn)),
             _ => false,
         };
         let end = if shared {
@@ -365,14 +376,14 @@ impl PageMap {
         if ends.is_empty() {
             return (self.state(gfn), 0);
         }
-        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
-        let inner = self.chunks.get(i).map(|(c, chunk)| {
-            let off = if *c == chunk_of(gfn) {
+        let i = self.chunks.partition_point(|s| s.num() < chunk_of(gfn));
+        let inner = self.chunks.get(i).map(|s| {
+            let off = if s.num() == chunk_of(gfn) {
                 offset_of(gfn)
             } else {
                 0
             };
-            (base_of(*c), chunk.runs_after(off))
+            (base_of(s.num()), s.view().runs_after(off))
         });
         // Shared ranges from here on that end after gfn; the first may hold gfn.
         let mut shared = SharedRanges {
@@ -424,10 +435,10 @@ impl PageMap {
     /// of word `w` is page `first + 64 w + i`, 1 = shared). The cursor copies it to answer
     /// queries over a fragmented chunk with bit tests instead of walking runs of one page.
     pub fn bitmap_words(&self, gfn: u64) -> Option<(u64, &[u64; BITMAP_WORDS])> {
-        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        let i = self.chunks.partition_point(|s| s.num() < chunk_of(gfn));
         match self.chunks.get(i) {
-            Some((c, chunk)) if *c == chunk_of(gfn) => {
-                chunk.bitmap_words().map(|w| (base_of(*c), w))
+            Some(s) if s.num() == chunk_of(gfn) => {
+                s.view().bitmap_words().map(|w| (base_of(s.num()), w))
             }
             _ => None,
         }
@@ -435,9 +446,9 @@ impl PageMap {
 
     /// Is `gfn` encrypted? (Pages outside RAM are.)
     pub fn state(&self, gfn: u64) -> PageState {
-        let i = self.chunks.partition_point(|(c, _)| *c < chunk_of(gfn));
+        let i = self.chunks.partition_point(|s| s.num() < chunk_of(gfn));
         match self.chunks.get(i) {
-            Some((c, chunk)) if *c == chunk_of(gfn) && chunk.get(offset_of(gfn)) => {
+            Some(s) if s.num() == chunk_of(gfn) && s.view().get(offset_of(gfn)) => {
                 PageState::Shared
             }
             _ => PageState::Encrypted,
@@ -448,15 +459,15 @@ impl PageMap {
     fn end_of_shared(&self, mut i: usize, gfn: u64) -> u64 {
         let mut off = offset_of(gfn);
         loop {
-            let (c, chunk) = &self.chunks[i];
-            let end = chunk.find(off, false);
+            let c = self.chunks[i].num();
+            let end = self.chunks[i].view().find(off, false);
             if end < CHUNK_PAGES {
-                return base_of(*c) + end as u64;
+                return base_of(c) + end as u64;
             }
             // Shared up to the chunk's end: the run goes on if the next chunk is adjacent and
             // starts shared.
             match self.chunks.get(i + 1) {
-                Some((n, next)) if *n == c + 1 && next.get(0) => {
+                Some(next) if next.num() == c + 1 && next.view().get(0) => {
                     i += 1;
                     off = 0;
                 }
@@ -468,15 +479,16 @@ impl PageMap {
     /// `gfn` is encrypted and chunk entry `i` is the first at or after its chunk: where is the
     /// next shared page?
     fn next_shared(&self, i: usize, gfn: u64) -> u64 {
-        for (c, chunk) in &self.chunks[i..] {
-            let from = if *c == chunk_of(gfn) {
+        for slot in &self.chunks[i..] {
+            let c = slot.num();
+            let from = if c == chunk_of(gfn) {
                 offset_of(gfn)
             } else {
                 0
             };
-            let s = chunk.find(from, true);
+            let s = slot.view().find(from, true);
             if s < CHUNK_PAGES {
-                return base_of(*c) + s as u64;
+                return base_of(c) + s as u64;
             }
         }
         MAX_GFN
@@ -501,11 +513,19 @@ impl PageMap {
     /// that continue across a chunk border. O(chunks + bitmap words), not O(ranges), so that a
     /// statistics query on a fragmented map does not hold the lock for long.
     pub fn range_count(&self) -> u64 {
-        let runs: u64 = self.chunks.iter().map(|(_, c)| c.run_count() as u64).sum();
+        let runs: u64 = self
+            .chunks
+            .iter()
+            .map(|s| s.view().run_count() as u64)
+            .sum();
         let joins = self
             .chunks
             .windows(2)
-            .filter(|w| w[1].0 == w[0].0 + 1 && w[0].1.get(CHUNK_PAGES - 1) && w[1].1.get(0))
+            .filter(|w| {
+                w[1].num() == w[0].num() + 1
+                    && w[0].view().get(CHUNK_PAGES - 1)
+                    && w[1].view().get(0)
+            })
             .count() as u64;
         runs - joins
     }
@@ -514,23 +534,25 @@ impl PageMap {
     /// canonical form, the shared-page count right). For tests and fuzzing; O(size of the map).
     pub fn check_invariants(&self) -> Result<(), String> {
         for w in self.chunks.windows(2) {
-            if w[0].0 >= w[1].0 {
+            if w[0].num() >= w[1].num() {
                 return Err(format!(
                     "chunk directory unsorted at {} / {}",
-                    w[0].0, w[1].0
+                    w[0].num(),
+                    w[1].num()
                 ));
             }
         }
         let mut pages = 0;
-        for (c, chunk) in &self.chunks {
+        for slot in &self.chunks {
+            let (c, chunk) = (slot.num(), slot.view());
             chunk
                 .check_invariants()
                 .map_err(|e| format!("chunk {c}: {e}"))?;
             for (a, b) in chunk.runs() {
                 pages += (b - a) as u64;
                 let r = PageRange {
-                    start: base_of(*c) + a as u64,
-                    end: base_of(*c) + b as u64,
+                    start: base_of(c) + a as u64,
+                    end: base_of(c) + b as u64,
                 };
                 if self.layout.clip(r).next() != Some(r) {
                     return Err(format!("shared range {r:?} is not RAM"));
@@ -548,11 +570,11 @@ impl PageMap {
 
     /// Heap bytes the map owns (directory, chunks and layout).
     pub fn heap_bytes(&self) -> usize {
-        self.chunks.capacity() * size_of::<(u64, Chunk)>()
+        self.chunks.capacity() * size_of::<Slot>()
             + self
                 .chunks
                 .iter()
-                .map(|(_, c)| c.heap_bytes())
+                .map(|s| s.view().heap_bytes())
                 .sum::<usize>()
             + std::mem::size_of_val(self.layout.ranges())
     }
@@ -561,7 +583,7 @@ impl PageMap {
 /// Iterator over a map's maximal shared ranges (merged across chunk borders).
 #[derive(Debug)]
 pub struct SharedRanges<'a> {
-    chunks: &'a [(u64, Chunk)],
+    chunks: &'a [Slot],
     idx: usize,
     inner: Option<(u64, super::chunk::ChunkRuns<'a>)>,
     pending: Option<PageRange>,
@@ -582,9 +604,9 @@ impl Iterator for SharedRanges<'_> {
                     }
                 }
                 match self.chunks.get(self.idx) {
-                    Some((c, chunk)) => {
+                    Some(s) => {
                         self.idx += 1;
-                        self.inner = Some((base_of(*c), chunk.runs()));
+                        self.inner = Some((base_of(s.num()), s.view().runs()));
                     }
                     None => break None,
                 }
@@ -680,7 +702,7 @@ impl PageMapBuilder {
 
     fn flush(&mut self) {
         if let Some((c, runs)) = self.cur.take() {
-            self.map.chunks.push((c, Chunk::from_runs(&runs)));
+            self.map.chunks.push(Slot::new(c, Chunk::from_runs(&runs)));
         }
     }
 

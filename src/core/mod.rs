@@ -1,16 +1,18 @@
 //! The page map: which guest pages are shared (plaintext) and which are encrypted.
 //!
-//! Pure data structure: no FFI, no KVM, no locking, no `unsafe`. Addresses are guest frame
-//! numbers (gfn, 4 KiB pages); conversion from byte addresses happens at the edges.
+//! Pure data structure: no FFI, no KVM, no locking, and no `unsafe` outside slot.rs (the
+//! directory entry that packs a chunk into 16 bytes). Addresses are guest frame numbers (gfn,
+//! 4 KiB pages); conversion from byte addresses happens at the edges.
 //!
 //! Every page of guest RAM starts encrypted; the map stores the shared ones as coalesced,
 //! half-open ranges. Pages outside guest RAM are never stored (see [`Layout`]).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod chunk;
 mod layout;
 mod map;
+mod slot;
 
 pub use chunk::BITMAP_WORDS;
 pub use layout::{Layout, LayoutError, RamRange, MAX_RAM_RANGES};
