@@ -7,7 +7,7 @@
 //!
 //! The crate is split into rooms that each do one job:
 //! - [`core`]: the page map itself (coalesced shared ranges in chunked containers). Pure data
-//!   structure: no FFI, no KVM, no `unsafe`.
+//!   structure: no FFI, no KVM, no `unsafe` outside its packed directory entry (`core/slot.rs`).
 //! - [`hypercall`]: validation of the guest's hypercall arguments and MSR values, with the KVM
 //!   error codes they map to.
 //! - [`tracker`]: the thread-safe handle a VMM holds: the map behind a lock, readiness, the
