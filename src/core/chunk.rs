@@ -4,8 +4,11 @@
 //! - `Full`: every page shared (a swiotlb pool or a guest that shares everything): no heap.
 //! - `One`: a single run, kept inline in the map's directory slot: no heap. Boot lists are
 //!   mostly isolated ranges (per-CPU pages, GHCBs, coherent buffers), one per 128 MiB chunk on
-//!   small guests; as a `Runs` each cost two allocations (~80 bytes as malloc spends them).
-//! - `Runs`: sorted, disjoint, non-adjacent inclusive runs of 16-bit offsets, 4 bytes a run.
+//!   small guests; as a `Runs` each would cost an allocation (and once cost two, ~80 bytes as
+//!   malloc spends them).
+//! - `Runs`: sorted, disjoint, non-adjacent inclusive runs of 16-bit offsets, 4 bytes a run;
+//!   up to three in place in the `Arc` (a [`RunList`]), so a chunk of two or three runs, common
+//!   on boot lists, is one allocation rather than two.
 //! - `Bitmap`: one bit per page, 4 KiB, when runs would take more than that (more than
 //!   [`RUNS_MAX`] runs; a guest that fragments memory on purpose).
 //!
@@ -72,6 +75,138 @@ pub struct Bitmap {
     runs: u32,
 }
 
+/// Runs kept in place by a [`RunList`]: a boot list's chunks mostly hold two or three runs
+/// (per-CPU pages, GHCBs, coherent buffers), and three fit beside the vector's niche, so the
+/// list costs no more than a `Vec` header.
+const INLINE: usize = 3;
+
+/// The runs of a `Runs` chunk: up to [`INLINE`] in place (then the chunk is one allocation,
+/// the `Arc`'s, instead of two: the vector's buffer cost as much again in malloc's real
+/// footprint), more in a vector. A list that spilled stays a vector, so that a chunk going
+/// back and forth across the limit does not allocate and free on every update.
+#[derive(Debug, Clone)]
+pub enum RunList {
+    /// `spans[..len]` are the runs.
+    Inline {
+        /// How many of `spans` are runs.
+        len: u8,
+        /// The runs, then unused entries.
+        spans: [Span; INLINE],
+    },
+    /// More runs than fit in place (or once did).
+    Heap(Vec<Span>),
+}
+
+const _: () = assert!(size_of::<RunList>() == size_of::<Vec<Span>>());
+
+impl RunList {
+    fn new() -> RunList {
+        RunList::Inline {
+            len: 0,
+            spans: [Span { first: 0, last: 0 }; INLINE],
+        }
+    }
+
+    fn push(&mut self, s: Span) {
+        let len = self.len();
+        self.insert(len, s);
+    }
+
+    fn insert(&mut self, i: usize, s: Span) {
+        match self {
+            RunList::Inline { len, spans } if (*len as usize) < INLINE => {
+                let n = *len as usize;
+                spans.copy_within(i..n, i + 1);
+                spans[i] = s;
+                *len += 1;
+            }
+            RunList::Inline { spans, .. } => {
+                // A power of two, so that the vector then grows as a plain one would (4, 8,
+                // ..., 512): 6, 12, ... would end at 768 for a chunk of 481 per-CPU runs.
+                let mut v = Vec::with_capacity((INLINE + 1).next_power_of_two());
+                v.extend_from_slice(spans);
+                v.insert(i, s);
+                *self = RunList::Heap(v);
+            }
+            RunList::Heap(v) => v.insert(i, s),
+        }
+    }
+
+    /// Removes the runs `range` (what `Vec::drain` does, its result dropped).
+    fn drain(&mut self, range: std::ops::Range<usize>) {
+        match self {
+            RunList::Inline { len, spans } => {
+                let n = *len as usize;
+                spans.copy_within(range.end..n, range.start);
+                *len -= range.len() as u8;
+            }
+            RunList::Heap(v) => {
+                v.drain(range);
+            }
+        }
+    }
+
+    /// Runs it holds without growing.
+    pub(super) fn capacity(&self) -> usize {
+        match self {
+            RunList::Inline { .. } => INLINE,
+            RunList::Heap(v) => v.capacity(),
+        }
+    }
+
+    fn shrink_to(&mut self, n: usize) {
+        if let RunList::Heap(v) = self {
+            v.shrink_to(n);
+        }
+    }
+
+    /// Bytes outside the list itself.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            RunList::Inline { .. } => 0,
+            RunList::Heap(v) => v.capacity() * size_of::<Span>(),
+        }
+    }
+}
+
+impl std::ops::Deref for RunList {
+    type Target = [Span];
+    fn deref(&self) -> &[Span] {
+        match self {
+            RunList::Inline { len, spans } => &spans[..*len as usize],
+            RunList::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for RunList {
+    fn deref_mut(&mut self) -> &mut [Span] {
+        match self {
+            RunList::Inline { len, spans } => &mut spans[..*len as usize],
+            RunList::Heap(v) => v,
+        }
+    }
+}
+
+impl FromIterator<Span> for RunList {
+    fn from_iter<I: IntoIterator<Item = Span>>(iter: I) -> RunList {
+        let mut r = RunList::new();
+        for s in iter {
+            r.push(s);
+        }
+        r
+    }
+}
+
+/// Equal runs, whichever way they are kept.
+impl PartialEq for RunList {
+    fn eq(&self, other: &RunList) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for RunList {}
+
 /// The shared pages of one chunk. An empty chunk is never stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk {
@@ -83,7 +218,7 @@ pub enum Chunk {
     Empty,
     /// Shared runs, sorted, disjoint and never adjacent (a chunk that had two keeps its vector
     /// when down to one).
-    Runs(Arc<Vec<Span>>),
+    Runs(Arc<RunList>),
     /// One bit per page, 1 = shared.
     Bitmap(Arc<Bitmap>),
 }
@@ -103,6 +238,7 @@ impl Bitmap {
         }
     }
 
+    #[inline]
     fn get(&self, off: u32) -> bool {
         self.words[(off / 64) as usize] >> (off % 64) & 1 != 0
     }
@@ -210,8 +346,8 @@ impl Bitmap {
         n
     }
 
-    fn spans(&self) -> Vec<Span> {
-        let mut out = Vec::new();
+    fn spans(&self) -> RunList {
+        let mut out = RunList::new();
         let mut pos = self.find(0, true);
         while pos < CHUNK_PAGES {
             let end = self.find(pos, false);
@@ -257,14 +393,14 @@ impl Chunk {
             Chunk::Full => {
                 if !shared {
                     flip(start, end);
-                    let mut spans = Vec::with_capacity(2);
+                    let mut spans = RunList::new();
                     if start > 0 {
                         spans.push(Span::new(0, start));
                     }
                     if end < CHUNK_PAGES {
                         spans.push(Span::new(end, CHUNK_PAGES));
                     }
-                    *self = match spans[..] {
+                    *self = match *spans {
                         [] => Chunk::Empty,
                         [one] => Chunk::One(one),
                         _ => Chunk::Runs(Arc::new(spans)),
@@ -278,7 +414,8 @@ impl Chunk {
                     return;
                 }
                 // Two runs or more now: the general form.
-                let mut r = vec![*s];
+                let mut r = RunList::new();
+                r.push(*s);
                 if shared {
                     set_runs_shared(&mut r, start, end, flip)
                 } else {
@@ -367,7 +504,7 @@ pub enum ChunkRef<'a> {
     /// See [`Chunk::Empty`].
     Empty,
     /// See [`Chunk::Runs`].
-    Runs(&'a Vec<Span>),
+    Runs(&'a RunList),
     /// See [`Chunk::Bitmap`].
     Bitmap(&'a Bitmap),
 }
@@ -379,7 +516,7 @@ impl<'a> ChunkRef<'a> {
         match self {
             ChunkRef::One(s) => Some(std::slice::from_ref(s)),
             ChunkRef::Empty => Some(&[]),
-            ChunkRef::Runs(r) => Some(r.as_slice()),
+            ChunkRef::Runs(r) => Some(&r[..]),
             ChunkRef::Full | ChunkRef::Bitmap(_) => None,
         }
     }
@@ -414,7 +551,7 @@ impl<'a> ChunkRef<'a> {
         const ARC: usize = 2 * size_of::<usize>();
         match self {
             ChunkRef::Full | ChunkRef::One(_) | ChunkRef::Empty => 0,
-            ChunkRef::Runs(r) => ARC + size_of::<Vec<Span>>() + r.capacity() * size_of::<Span>(),
+            ChunkRef::Runs(r) => ARC + size_of::<RunList>() + r.heap_bytes(),
             ChunkRef::Bitmap(_) => ARC + size_of::<Bitmap>(),
         }
     }
@@ -422,6 +559,7 @@ impl<'a> ChunkRef<'a> {
     /// The words of a bitmap chunk (bit `i` of word `w` is offset `64 w + i`, 1 = shared);
     /// `None` for the other forms. Lets a reader copy a fragmented chunk once and answer from
     /// the copy with bit tests.
+    #[inline]
     pub fn bitmap_words(self) -> Option<&'a [u64; WORDS]> {
         match self {
             ChunkRef::Bitmap(b) => Some(&b.words),
@@ -430,6 +568,7 @@ impl<'a> ChunkRef<'a> {
     }
 
     /// Is the page at `off` shared?
+    #[inline]
     pub fn get(self, off: u32) -> bool {
         match self {
             ChunkRef::Full => true,
@@ -595,7 +734,7 @@ fn set_one(
     })
 }
 
-fn set_runs_shared(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
+fn set_runs_shared(r: &mut RunList, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
     // Runs that overlap or touch [start, end) merge with it.
     let i = r.partition_point(|s| s.end() < start);
     let j = r.partition_point(|s| s.start() <= end);
@@ -619,7 +758,7 @@ fn set_runs_shared(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn FnMut
     }
 }
 
-fn set_runs_encrypted(r: &mut Vec<Span>, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
+fn set_runs_encrypted(r: &mut RunList, start: u32, end: u32, flip: &mut dyn FnMut(u32, u32)) {
     // Runs that overlap [start, end) lose their overlap; at most two remainders stay.
     let i = r.partition_point(|s| s.end() <= start);
     let j = r.partition_point(|s| s.start() < end);
@@ -785,6 +924,42 @@ mod tests {
             let end = (start + len).min(CHUNK_PAGES);
             c.set(start, end, x & 1 == 0, &mut |_, _| {});
             assert_eq!(c.view().check_invariants(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn run_list_matches_a_vec_in_place_and_spilled() {
+        // Inserts and removals at every position, across the in-place limit and back: the
+        // same runs as a plain vector, equal whichever way they are kept, and a list that
+        // spilled stays spilled.
+        let mut x = 7u32;
+        let mut rnd = |n: usize| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 8) as usize % n
+        };
+        for _ in 0..2000 {
+            let (mut r, mut v) = (RunList::new(), Vec::new());
+            let mut spilled = false;
+            for step in 0..12u16 {
+                if v.is_empty() || rnd(3) != 0 {
+                    let i = rnd(v.len() + 1);
+                    let s = Span {
+                        first: step,
+                        last: step,
+                    };
+                    r.insert(i, s);
+                    v.insert(i, s);
+                } else {
+                    let a = rnd(v.len());
+                    let b = a + rnd(v.len() - a + 1);
+                    r.drain(a..b);
+                    v.drain(a..b);
+                }
+                assert_eq!(&r[..], &v[..]);
+                spilled |= v.len() > INLINE;
+                assert_eq!(matches!(r, RunList::Heap(_)), spilled);
+                assert_eq!(r, v.iter().copied().collect::<RunList>());
+            }
         }
     }
 

@@ -19,14 +19,14 @@ use std::mem::size_of;
 use std::ptr;
 use std::sync::Arc;
 
-use super::chunk::{Bitmap, Chunk, ChunkRef, Span, CHUNK_SHIFT};
+use super::chunk::{Bitmap, Chunk, ChunkRef, RunList, Span, CHUNK_SHIFT};
 use super::MAX_GFN;
 
 /// Span field of a `Full` chunk.
 const FULL: Span = Span::marker(1);
 /// Span field of an `Empty` chunk (and of a slot whose chunk was taken out).
 const EMPTY: Span = Span::marker(2);
-/// Span field of a `Runs` chunk: `heap` is `Arc::into_raw` of an `Arc<Vec<Span>>`.
+/// Span field of a `Runs` chunk: `heap` is `Arc::into_raw` of an `Arc<RunList>`.
 const RUNS: Span = Span::marker(3);
 /// Span field of a `Bitmap` chunk: `heap` is `Arc::into_raw` of an `Arc<Bitmap>`.
 const BITMAP: Span = Span::marker(4);
@@ -46,11 +46,11 @@ pub(super) struct Slot {
     heap: *const (),
 }
 
-// SAFETY: a slot is, to other threads, the `Chunk` it packs: `heap` is an `Arc<Vec<Span>>` or an
+// SAFETY: a slot is, to other threads, the `Chunk` it packs: `heap` is an `Arc<RunList>` or an
 // `Arc<Bitmap>` it owns a count of and never mutates through a shared reference, and both are
 // `Send + Sync`.
 unsafe impl Send for Slot {}
-// SAFETY: as for `Send`: `&Slot` gives only `&Vec<Span>` / `&Bitmap`, both `Sync`.
+// SAFETY: as for `Send`: `&Slot` gives only `&RunList` / `&Bitmap`, both `Sync`.
 unsafe impl Sync for Slot {}
 
 impl Slot {
@@ -92,8 +92,8 @@ impl Slot {
             ChunkRef::Bitmap(unsafe { &*self.heap.cast::<Bitmap>() })
         } else {
             debug_assert!(self.span == RUNS);
-            // SAFETY: as above, for `Arc::<Vec<Span>>::into_raw`.
-            ChunkRef::Runs(unsafe { &*self.heap.cast::<Vec<Span>>() })
+            // SAFETY: as above, for `Arc::<RunList>::into_raw`.
+            ChunkRef::Runs(unsafe { &*self.heap.cast::<RunList>() })
         }
     }
 
@@ -115,8 +115,8 @@ impl Slot {
             Chunk::Bitmap(unsafe { Arc::from_raw(heap.cast::<Bitmap>()) })
         } else {
             debug_assert!(span == RUNS);
-            // SAFETY: as above, for `Arc::<Vec<Span>>::into_raw`.
-            Chunk::Runs(unsafe { Arc::from_raw(heap.cast::<Vec<Span>>()) })
+            // SAFETY: as above, for `Arc::<RunList>::into_raw`.
+            Chunk::Runs(unsafe { Arc::from_raw(heap.cast::<RunList>()) })
         }
     }
 
@@ -154,8 +154,8 @@ impl Clone for Slot {
                 // holds a count); the new count is owned by the clone.
                 unsafe { Arc::increment_strong_count(self.heap.cast::<Bitmap>()) }
             } else {
-                // SAFETY: as above, for `Arc::<Vec<Span>>::into_raw`.
-                unsafe { Arc::increment_strong_count(self.heap.cast::<Vec<Span>>()) }
+                // SAFETY: as above, for `Arc::<RunList>::into_raw`.
+                unsafe { Arc::increment_strong_count(self.heap.cast::<RunList>()) }
             }
         }
         Slot {
