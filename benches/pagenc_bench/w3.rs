@@ -307,7 +307,7 @@ pub(crate) fn w3(rep: &mut Report) {
             ]);
         }
         match &qexe {
-            Ok(exe) => match qemu_path::measure(exe, &layout, ops, &dirties, 3, "w3") {
+            Ok(exe) => match qemu_path::measure(exe, &layout, ops, &dirties, 5, "w3") {
                 Ok(q) => {
                     for r in &q {
                         let (b0_shared, rust_net) = rust_seen
