@@ -21,6 +21,7 @@
 //! it must, since an identity key re-keys nothing.
 
 mod kvm_common;
+mod transport_common;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,12 +40,7 @@ use pagenc::transport::{
     sim_amd_certs, GuestState, KvmVm, MemoryEncryptOp, Memslot, SendParams, SevMode, SevTransport,
     SimConfig, SimFirmware, SimRole, TransportError, SIM_OPT_IN,
 };
-
-const PAGE: usize = 4096;
-
-#[repr(C, align(4096))]
-#[derive(Clone)]
-struct Page([u8; PAGE]);
+use transport_common::{fill, Page, PAGE};
 
 /// Guest RAM of one side: two memslots (like RAM below and above a hole), page-aligned.
 struct Ram {
@@ -64,19 +60,7 @@ impl Ram {
     }
 
     fn memslots(&self) -> Vec<Memslot> {
-        let mut i = 0;
-        self.slots
-            .iter()
-            .map(|&(gpa, n)| {
-                let m = Memslot {
-                    gpa,
-                    size: (n * PAGE) as u64,
-                    host: self.pages[i].0.as_ptr() as u64,
-                };
-                i += n;
-                m
-            })
-            .collect()
+        transport_common::memslots(&self.slots, &self.pages)
     }
 
     /// (index into `pages`, gpa) of every page.
@@ -106,19 +90,6 @@ fn model_xor(key: &[u8; 32], gpa: u64, buf: &mut [u8]) {
     let mut nonce = [0u8; 12];
     nonce[..8].copy_from_slice(&gpa.to_le_bytes());
     ChaCha20::new(key.into(), &nonce.into()).apply_keystream(buf);
-}
-
-/// A deterministic byte generator (splitmix64).
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed;
-    for chunk in buf.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
 }
 
 fn sim(role: SimRole, pol: u32, key: [u8; 32], id: u8, ram: &Ram) -> Arc<SimFirmware> {

@@ -12,6 +12,8 @@
 //! These tests are the verifier's negative controls: each wrong migration must be caught, and a
 //! verifier that accepted everything (or compared the wrong shapes) fails them.
 
+mod transport_common;
+
 use std::sync::Arc;
 
 use pagenc::transport::sev_abi::policy;
@@ -20,14 +22,10 @@ use pagenc::transport::{
     SimFirmware, SimRole, Verifier, VerifyError, SIM_OPT_IN,
 };
 use proptest::prelude::*;
+use transport_common::{fill, Page, PAGE};
 
-const PAGE: usize = 4096;
 const K_SRC: [u8; 32] = [0x51; 32];
 const K_DST: [u8; 32] = [0xd7; 32];
-
-#[repr(C, align(4096))]
-#[derive(Clone)]
-struct Page([u8; PAGE]);
 
 /// Guest RAM: two memslots with a hole between them, as below and above 4 GiB.
 const SLOTS: [(u64, usize); 2] = [(0x10_0000, 20), (0x1_0000_0000, 12)];
@@ -40,32 +38,7 @@ fn gpas() -> Vec<u64> {
 }
 
 fn memslots(pages: &[Page]) -> Vec<Memslot> {
-    let mut i = 0;
-    SLOTS
-        .iter()
-        .map(|&(gpa, n)| {
-            let m = Memslot {
-                gpa,
-                size: (n * PAGE) as u64,
-                host: pages[i].0.as_ptr() as u64,
-            };
-            i += n;
-            m
-        })
-        .collect()
-}
-
-/// A deterministic byte generator (splitmix64).
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed;
-    for chunk in buf.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
+    transport_common::memslots(&SLOTS, pages)
 }
 
 /// How a page went (or did not).
